@@ -1,0 +1,552 @@
+"""Variant selection: a multiple-choice knapsack over models and their variants.
+
+Pure Python: imports neither torch nor onnxruntime, so it can be tested on made-up
+numbers, fuzzed against brute force and embedded in any server.
+
+Every model offers candidate variants (memory, accuracy), has an accuracy floor and a
+request rate; :func:`select` keeps at most one variant per model resident so that the
+chosen memory fits a budget and a documented utility is maximal. That is the
+multiple-choice knapsack problem (MCKP). How it is solved:
+
+* Objectives become exact integer *keys* per candidate (values quantized to a power-of-two
+  grid, 2**-40 of the total), so ties are real ties and tie-break levels (keep the
+  resident variant) can be stacked below the utility without ever changing it.
+* Per model, dominated candidates (more memory, no more value) are dropped and the upper
+  convex hull of (memory, key) is built; "not resident" is the point (0, 0).
+* The fast path is the classic MCKP greedy: start with nothing resident, repeatedly take
+  the hull upgrade with the best key per byte that fits, then spend the leftover bytes on
+  the single best fitting upgrade (any undominated candidate) until nothing fits.
+* The exact path takes the greedy plan as incumbent, computes the LP relaxation's
+  multiplier (the efficiency of the first upgrade that did not fit), removes every
+  candidate whose Lagrangian reduced cost exceeds the LP-incumbent gap (usually almost
+  all), and runs a dynamic program over the remaining models whose states are the
+  Pareto frontier of (memory, key), pruned by the same bound. It is exact, and bounded by
+  a work limit after which it returns the best plan found and says so (``exact=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+
+from adaptive.errors import InfeasibleBudget
+
+__all__ = [
+    "AUTO_EXACT_MAX_OPTIONS", "DEFAULT_NODE_LIMIT", "OBJECTIVES", "Candidate", "ModelDemand",
+    "Plan", "check_feasible", "select", "smallest_eligible",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Objectives :func:`select` knows; see its docstring for their exact definitions.
+OBJECTIVES = ("accuracy", "misses")
+#: With ``exact=None`` instances with at most this many eligible candidates (summed over
+#: models) are solved exactly; larger ones take the fast greedy path.
+AUTO_EXACT_MAX_OPTIONS = 5000
+#: Default work limit of the exact path, in dynamic-programming states generated.
+DEFAULT_NODE_LIMIT = 200_000
+
+# Quantization grids: a value becomes round(value * 2**k) with k chosen so that the sum of
+# the best values is < 2**bits. Power-of-two scales keep dyadic inputs (integer rates,
+# accuracies like 0.75) exact, so their ties stay ties.
+_ACC_BITS = 40
+_HIT_BITS = 30
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One variant a model could keep resident, with its profiled cost and quality."""
+
+    variant: str
+    memory_bytes: int
+    accuracy: float
+    latency_s: float = 0.0
+    load_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.variant:
+            raise ValueError("Candidate.variant must be a non-empty name")
+        if int(self.memory_bytes) != self.memory_bytes or self.memory_bytes < 0:
+            raise ValueError(f"Candidate {self.variant!r}: memory_bytes must be a non-negative "
+                             f"integer, got {self.memory_bytes!r}")
+        if not (math.isfinite(self.accuracy) and 0.0 <= self.accuracy <= 1.0):
+            raise ValueError(f"Candidate {self.variant!r}: accuracy must be in [0, 1], "
+                             f"got {self.accuracy!r}")
+        for name in ("latency_s", "load_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"Candidate {self.variant!r}: {name} must be >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """A model, the variants it may run as, its accuracy floor and its request rate."""
+
+    model: str
+    candidates: Sequence[Candidate]
+    floor: float = 0.0
+    rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not self.model:
+            raise ValueError("ModelDemand.model must be a non-empty name")
+        if not (math.isfinite(self.floor) and 0.0 <= self.floor <= 1.0):
+            raise ValueError(f"model {self.model!r}: floor must be in [0, 1], got {self.floor!r}")
+        if not (math.isfinite(self.rate) and self.rate >= 0):
+            raise ValueError(f"model {self.model!r}: rate must be >= 0, got {self.rate!r}")
+        names = [c.variant for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.model!r}: duplicate candidate variants in {names}")
+
+    def eligible(self) -> tuple[Candidate, ...]:
+        """Candidates whose accuracy meets the floor."""
+        return tuple(c for c in self.candidates if c.accuracy >= self.floor)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of :func:`select`: at most one resident variant per model.
+
+    ``choice`` maps every model to its chosen variant name (None: not resident) and
+    ``details`` to the chosen :class:`Candidate`. ``utility`` is the sum of
+    ``rate * accuracy`` over resident models and ``served_rate`` the sum of their rates
+    (requests served without a cold load), whatever the objective. ``exact`` is False when
+    the plan came from the fast path or the exact path hit its work limit.
+    """
+
+    choice: dict[str, str | None]
+    memory_bytes: int
+    utility: float
+    budget_bytes: int
+    exact: bool = True
+    details: dict[str, Candidate | None] = field(default_factory=dict, compare=False)
+    objective: str = "accuracy"
+    served_rate: float = 0.0
+
+    def resident(self) -> dict[str, str]:
+        """Models this plan keeps resident and their variants: the ``resident=`` argument
+        for the next :func:`select` call, so a re-plan prefers not to swap."""
+        return {m: v for m, v in self.choice.items() if v is not None}
+
+
+
+
+def smallest_eligible(demand: ModelDemand) -> Candidate | None:
+    """The least-memory candidate meeting the model's floor (None if none does).
+
+    Ties go to the more accurate candidate, then to the lower variant name.
+    """
+    eligible = demand.eligible()
+    if not eligible:
+        return None
+    return min(eligible, key=lambda c: (c.memory_bytes, -c.accuracy, c.variant))
+
+
+def check_feasible(demands: Sequence[ModelDemand], budget_bytes: int,
+                   required: Iterable[str]) -> None:
+    """Raise :class:`InfeasibleBudget` if a model that must be resident cannot be.
+
+    A model is required when, say, a request for it is pending. Each required model is
+    checked alone: it needs an eligible variant (accuracy >= floor) whose memory fits the
+    whole budget. Whether all required models fit *together* is for :func:`select` to
+    settle. Unknown names in ``required`` are a ValueError.
+    """
+    budget = _check_budget(budget_bytes)
+    by_name = {d.model: d for d in _check_demands(demands)}
+    for name in required:
+        demand = by_name.get(name)
+        if demand is None:
+            raise ValueError(f"required model {name!r} is not among the demands "
+                             f"({_short_list(by_name)}); pass a ModelDemand for it")
+        smallest = smallest_eligible(demand)
+        if smallest is None:
+            raise InfeasibleBudget(name, None, None, budget, demand.floor)
+        if smallest.memory_bytes > budget:
+            raise InfeasibleBudget(name, smallest.variant, smallest.memory_bytes, budget,
+                                   demand.floor)
+
+
+def select(demands: Sequence[ModelDemand], budget_bytes: int, *, objective: str = "accuracy",
+           exact: bool | None = None, resident: Mapping[str, str | None] | None = None,
+           node_limit: int = DEFAULT_NODE_LIMIT) -> Plan:
+    """Choose at most one resident variant per model within ``budget_bytes``.
+
+    Hard rules: a candidate whose accuracy is below its model's floor is never chosen, the
+    chosen memory never exceeds the budget, and ``Plan.choice`` names every model (None
+    when it is not resident). Models with rate 0 serve nothing and are never chosen.
+
+    Objectives (``rate`` is requests per unit time, any unit, the same for all models):
+
+    * ``"accuracy"`` (default): maximize ``utility = sum(rate_m * accuracy_m)`` over
+      resident models, the expected number of correct answers served from memory.
+    * ``"misses"``: lexicographic. First maximize ``served_rate = sum(rate_m)`` over
+      resident models (requests served without a cold load); among plans with the
+      greatest served rate, maximize ``utility`` as above. Rates are compared on a grid of
+      2**-30 of the total rate, so only differences smaller than that count as ties.
+
+    Ties (equal objective) are broken deterministically and independently of the order of
+    ``demands``: first, when ``resident`` (model -> variant currently held, absent or None
+    meaning not resident) is given, by the fewest models whose residency changes; then by
+    the least total memory; then by a fixed order over model and variant names. These
+    levels sit strictly below the objective, so they never trade utility for fewer swaps.
+
+    ``exact=True`` solves exactly (see the module docstring); ``exact=False`` uses the
+    greedy, which is never infeasible and typically within a fraction of a percent;
+    ``None`` picks exact up to :data:`AUTO_EXACT_MAX_OPTIONS` eligible candidates.
+    ``node_limit`` caps the exact path's work; beyond it the best plan found is returned
+    with ``exact=False``. Raises ValueError for a negative budget, duplicate model names,
+    an unknown objective or a ``resident`` entry naming an unknown model or variant.
+    """
+    budget = _check_budget(budget_bytes)
+    demands = _check_demands(demands)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if resident is not None:
+        _check_resident(demands, resident)
+    if isinstance(node_limit, bool) or not isinstance(node_limit, int) or node_limit < 1:
+        raise ValueError(f"node_limit must be a positive int, got {node_limit!r}")
+
+    models, steps = _prepare(demands, objective, resident)
+    if exact is None:
+        exact = sum(len(m.mems) - 1 for m in models) <= AUTO_EXACT_MAX_OPTIONS
+    if exact:
+        pos, proven = _solve_exact(models, steps, budget, node_limit)
+    else:
+        pos, free, _ = _greedy(models, steps, budget)
+        _fixup(models, pos, free)
+        proven = False
+    return _make_plan(demands, models, pos, budget, objective, proven)
+
+
+# --- validation -------------------------------------------------------------------------
+
+def _check_budget(budget_bytes: object) -> int:
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)):
+        raise TypeError(f"budget_bytes must be a number of bytes, got {budget_bytes!r}; "
+                        f"convert text such as '8GiB' with adaptive.parse_size")
+    if not math.isfinite(budget_bytes) or int(budget_bytes) != budget_bytes:
+        raise ValueError(f"budget_bytes must be a whole number of bytes, got {budget_bytes!r}")
+    if budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes!r}; a budget of 0 "
+                         f"means nothing may be resident")
+    return int(budget_bytes)
+
+
+def _check_demands(demands: Sequence[ModelDemand]) -> list[ModelDemand]:
+    demands = list(demands)
+    seen: set[str] = set()
+    for d in demands:
+        if not isinstance(d, ModelDemand):
+            raise TypeError(f"demands must be ModelDemand objects, got {d!r}")
+        if d.model in seen:
+            raise ValueError(f"duplicate model name {d.model!r} in demands; give each model "
+                             f"one ModelDemand listing all of its candidate variants")
+        seen.add(d.model)
+    return demands
+
+
+def _check_resident(demands: list[ModelDemand], resident: Mapping[str, str | None]) -> None:
+    by_name = {d.model: d for d in demands}
+    for model, variant in resident.items():
+        demand = by_name.get(model)
+        if demand is None:
+            raise ValueError(f"resident names model {model!r}, which is not among the demands "
+                             f"({_short_list(by_name)}); pass a ModelDemand for every resident "
+                             f"model")
+        if variant is not None and all(c.variant != variant for c in demand.candidates):
+            names = [c.variant for c in demand.candidates]
+            raise ValueError(f"resident variant {variant!r} of model {model!r} is not one of "
+                             f"its candidates {names}")
+
+
+def _short_list(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
+# --- the solver ---------------------------------------------------------------------------
+
+class _Options:
+    """One model's undominated options, "not resident" first, by increasing memory.
+
+    Keys strictly increase with memory (anything else is dominated), so the best option
+    that fits a given number of bytes is found by bisection.
+    """
+
+    __slots__ = ("demand_index", "mems", "keys", "cands")
+
+    def __init__(self, demand_index: int, mems: list[int], keys: list[int],
+                 cands: list[Candidate | None]):
+        self.demand_index = demand_index
+        self.mems = mems
+        self.keys = keys
+        self.cands = cands
+
+
+def _pow2_scale(total: float, bits: int) -> float:
+    """A power of two s with total * s < 2**bits."""
+    if not (total > 0 and math.isfinite(total)):
+        return 1.0
+    return math.ldexp(1.0, bits - math.frexp(total)[1])
+
+
+def _prepare(demands: list[ModelDemand], objective: str,
+             resident: Mapping[str, str | None] | None,
+             ) -> tuple[list[_Options], list[tuple[float, int, int, int]]]:
+    """Integer keys per eligible candidate, dominance filter and convex hull per model.
+
+    Models are ordered by name so the result does not depend on the order of ``demands``.
+    Also returns every model's hull upgrades as (-key per byte, model, from option, to
+    option), sorted: the order in which the greedy considers them. This runs on every call
+    of the fast path, hence the hand-inlined loops.
+    """
+    n = len(demands)
+    # Scales from the total rate (accuracy <= 1), an upper bound of the best total value.
+    rate_total = sum(d.rate for d in demands)
+    acc_scale = _pow2_scale(rate_total, _ACC_BITS)
+    if objective == "misses":
+        hit_scale = _pow2_scale(rate_total, _HIT_BITS)
+        hit_weight = 2**_ACC_BITS + n + 1  # > any sum of accuracy keys, rounding included
+    else:
+        hit_scale = 0.0
+        hit_weight = 0
+    # With ``resident`` keys are multiplied by n + 1 to make room below them for the count
+    # of models whose residency stays as it is.
+    tie = n + 1 if resident is not None else 1
+
+    models: list[_Options] = []
+    steps: list[tuple[float, int, int, int]] = []
+    inf = math.inf
+    for i in sorted(range(n), key=lambda i: demands[i].model):
+        d = demands[i]
+        rate = d.rate
+        floor = d.floor
+        scale = rate * acc_scale
+        base = int(rate * hit_scale + 0.5) * hit_weight
+        # Points are (memory, -key, variant, candidate); (memory, -key, variant) is unique,
+        # so sorting never compares candidates. Quantization rounds half up.
+        if rate <= 0:
+            points = []
+        elif resident is None:
+            points = [(c.memory_bytes, -(base + int(scale * c.accuracy + 0.5)), c.variant, c)
+                      for c in d.candidates if c.accuracy >= floor]
+        else:
+            kept = resident.get(d.model)
+            # Keeping a non-resident model out is also "no change": rather than a bonus on
+            # the empty option (whose key must stay 0), every candidate pays 1.
+            shift = 1 if kept is None else 0
+            points = [(c.memory_bytes,
+                       -((base + int(scale * c.accuracy + 0.5)) * tie - shift
+                         + (c.variant == kept)), c.variant, c)
+                      for c in d.candidates if c.accuracy >= floor]
+        mi = len(models)
+        if not points:
+            models.append(_Options(i, [0], [0], [None]))
+            continue
+        points.append((0, 0, "", None))
+        points.sort()
+        # Undominated points: key strictly rising with memory.
+        first = points[0]
+        best = first[1]
+        kept_points = [first]
+        for p in points:
+            if p[1] < best:
+                best = p[1]
+                kept_points.append(p)
+        # Upper concave hull as a stack of (slope into the point, memory, key, index); a
+        # point is dropped while the new point's slope from its predecessor is steeper than
+        # the slope into it. Collinear points stay: finer greedy steps.
+        top_s, top_m, top_k = inf, first[0], -first[1]
+        stack = [(top_s, top_m, top_k, 0)]
+        for idx in range(1, len(kept_points)):
+            mem, negkey, _, _ = kept_points[idx]
+            key = -negkey
+            slope = (key - top_k) / (mem - top_m)
+            while top_s < slope:
+                stack.pop()
+                top_s, top_m, top_k, _ = stack[-1]
+                slope = (key - top_k) / (mem - top_m)
+            top_s, top_m, top_k = slope, mem, key
+            stack.append((slope, mem, key, idx))
+        prev = 0
+        for slope, _, _, idx in stack[1:]:
+            steps.append((-slope, mi, prev, idx))
+            prev = idx
+        models.append(_Options(i, [p[0] for p in kept_points], [-p[1] for p in kept_points],
+                               [p[3] for p in kept_points]))
+    steps.sort()
+    return models, steps
+
+
+def _greedy(models: list[_Options], steps: list[tuple[float, int, int, int]], budget: int,
+            ) -> tuple[list[int], int, tuple[int, int] | None]:
+    """The MCKP greedy: hull upgrades by decreasing key per byte, each taken if it fits.
+
+    An upgrade that does not fit blocks its model's later upgrades. Returns the option
+    index per model, the free bytes and the first upgrade that did not fit as
+    (delta key, delta bytes): the LP relaxation's split item, whose efficiency is the
+    optimal LP multiplier.
+    """
+    pos = [0] * len(models)
+    free = budget
+    split = None
+    for _, mi, a, b in steps:
+        if pos[mi] != a:
+            continue  # an earlier upgrade of this model did not fit
+        m = models[mi]
+        dm = m.mems[b] - m.mems[a]
+        if dm > free:
+            if split is None:
+                split = (m.keys[b] - m.keys[a], dm)
+            continue
+        free -= dm
+        pos[mi] = b
+    return pos, free, split
+
+
+def _fixup(models: list[_Options], pos: list[int], free: int) -> int:
+    """Spend leftover bytes: repeatedly apply the single upgrade (to any undominated
+    option) with the largest key gain that fits. Updates ``pos``; returns free bytes."""
+    open_ = [mi for mi, m in enumerate(models) if pos[mi] + 1 < len(m.mems)]
+    while open_:
+        best_gain = 0
+        best = None
+        still_open = []
+        for mi in open_:
+            m = models[mi]
+            cur = pos[mi]
+            mems = m.mems
+            if mems[cur + 1] - mems[cur] > free:
+                continue  # free only shrinks: this model cannot be upgraded any more
+            still_open.append(mi)
+            j = bisect_right(mems, mems[cur] + free) - 1
+            gain = m.keys[j] - m.keys[cur]
+            if gain > best_gain:
+                best_gain = gain
+                best = (mi, j)
+        if best is None:
+            break
+        mi, j = best
+        m = models[mi]
+        free -= m.mems[j] - m.mems[pos[mi]]
+        pos[mi] = j
+        open_ = still_open
+    return free
+
+
+def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]], budget: int,
+                 node_limit: int) -> tuple[list[int], bool]:
+    """Exact MCKP: greedy incumbent, Lagrangian reduction, bounded Pareto DP.
+
+    The bound: for any multiplier lam >= 0 and any feasible plan,
+    sum(key) <= lam * budget + sum_m (key_m - lam * mem_m) <= lam * budget + sum_m max_m,
+    with lam the LP split item's efficiency (then it equals the LP bound). Everything is
+    scaled by the split's byte count so the arithmetic is exact in integers.
+    """
+    pos, free, split = _greedy(models, steps, budget)
+    free = _fixup(models, pos, free)
+    if split is None:
+        return pos, True  # every model got its best option
+    inc_key = sum(m.keys[p] for m, p in zip(models, pos))
+    inc_mem = budget - free
+    lam_key, lam_mem = split
+
+    max_t = []
+    survivors = []
+    for m in models:
+        t = [k * lam_mem - lam_key * mem for mem, k in zip(m.mems, m.keys)]
+        mx = max(t)
+        max_t.append(mx)
+        survivors.append(t)
+    gap = lam_key * budget + sum(max_t) - inc_key * lam_mem
+    fixed_mem = fixed_key = 0
+    choice = list(pos)
+    dp = []
+    for mi, (m, t, mx) in enumerate(zip(models, survivors, max_t)):
+        # An option whose reduced cost exceeds the gap cannot be in a plan at least as
+        # good as the incumbent; the incumbent's own options always survive.
+        keep = [j for j, tj in enumerate(t) if mx - tj <= gap]
+        if len(keep) == 1:
+            choice[mi] = keep[0]
+            fixed_mem += m.mems[keep[0]]
+            fixed_key += m.keys[keep[0]]
+        else:
+            dp.append((mi, keep))
+    dp.sort(key=lambda e: len(e[1]))
+    cap = budget - fixed_mem
+    count = len(dp)
+    suf_t = [0] * (count + 1)
+    suf_mem = [0] * (count + 1)
+    for s in range(count - 1, -1, -1):
+        mi, keep = dp[s]
+        suf_t[s] = suf_t[s + 1] + max_t[mi]
+        suf_mem[s] = suf_mem[s + 1] + models[mi].mems[keep[0]]
+    # A state (mem, key) after stage s stays if its bound reaches the incumbent:
+    # lam_key*budget + (fixed_key+key)*lam_mem - lam_key*(fixed_mem+mem) + suf_t[s+1]
+    #   >= inc_key*lam_mem
+    base = inc_key * lam_mem - lam_key * budget - fixed_key * lam_mem + lam_key * fixed_mem
+
+    states: list[tuple[int, int, tuple | None]] = [(0, 0, None)]
+    nodes = 0
+    for s, (mi, keep) in enumerate(dp):
+        m = models[mi]
+        threshold = base - suf_t[s + 1]
+        room = cap - suf_mem[s + 1]
+        opts = [(m.mems[j], m.keys[j], j) for j in keep]
+        grown = []
+        for smem, skey, path in states:
+            for omem, okey, j in opts:
+                mem = smem + omem
+                if mem > room:
+                    break
+                key = skey + okey
+                if key * lam_mem - lam_key * mem >= threshold:
+                    grown.append((mem, -key, (j, path)))
+        nodes += len(grown)
+        if nodes > node_limit:
+            logger.warning("exact selection stopped after %d states (node_limit=%d) on %d "
+                           "models; returning the greedy plan", nodes, node_limit, len(models))
+            return pos, False
+        grown.sort(key=itemgetter(0, 1))
+        states = []
+        best = None
+        for mem, negkey, path in grown:  # Pareto frontier: key strictly rising with memory
+            if best is None or -negkey > best:
+                best = -negkey
+                states.append((mem, best, path))
+    logger.debug("exact selection: %d models, %d in the DP, %d states", len(models), count,
+                 nodes)
+    if not states:  # cannot happen (the incumbent survives); keep it rather than fail
+        return pos, True
+    mem, key, path = states[-1]
+    if (fixed_key + key, -(fixed_mem + mem)) < (inc_key, -inc_mem):
+        return pos, True  # pragma: no cover - the incumbent is always among the states
+    for s in range(count - 1, -1, -1):
+        j, path = path
+        choice[dp[s][0]] = j
+    return choice, True
+
+
+def _make_plan(demands: list[ModelDemand], models: list[_Options], pos: list[int], budget: int,
+               objective: str, exact: bool) -> Plan:
+    chosen: dict[int, Candidate | None] = {m.demand_index: m.cands[p] for m, p in zip(models, pos)}
+    details = {d.model: chosen[i] for i, d in enumerate(demands)}
+    choice = {name: (c.variant if c is not None else None) for name, c in details.items()}
+    memory = 0
+    utility = served = 0.0
+    for d in demands:
+        c = details[d.model]
+        if c is not None:
+            memory += c.memory_bytes
+            utility += d.rate * c.accuracy
+            served += d.rate
+    if memory > budget:  # pragma: no cover - guarded by construction
+        raise AssertionError(f"selection exceeded the budget: {memory} > {budget}")
+    return Plan(choice=choice, memory_bytes=memory, utility=utility, budget_bytes=budget,
+                exact=exact, details=details, objective=objective, served_rate=served)

@@ -1,0 +1,216 @@
+"""Backends: turn a stored variant into a runnable session with one ``run(inputs)``.
+
+Registered by name (``list_backends()``): ``onnxruntime`` (CPU EP; CUDA EP on
+``cuda[:i]``) and ``torch`` (rebuilds the structure and loads safetensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from variants.errors import BackendError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+_BACKENDS: dict[str, Callable[..., Session]] = {}
+
+
+def register_backend(name: str):
+    def deco(factory):
+        _BACKENDS[name] = factory
+        return factory
+    return deco
+
+
+def list_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``cpu`` -> ("cpu", 0); ``cuda`` / ``cuda:1`` -> ("cuda", i)."""
+    if device == "cpu":
+        return "cpu", 0
+    if device == "cuda" or device.startswith("cuda:"):
+        idx = device.partition(":")[2] or "0"
+        if not idx.isdigit():
+            raise BackendError(f"bad device {device!r}: use cpu, cuda or cuda:<index>")
+        return "cuda", int(idx)
+    raise BackendError(f"unknown device {device!r}: use cpu, cuda or cuda:<index>")
+
+
+class Session:
+    """A loaded variant. ``run`` takes a dict by input name, a sequence, or one array."""
+
+    input_names: list[str]
+    variant: str | None = None
+    device: str = "cpu"
+
+    def _feed(self, inputs: Any) -> list[Any]:
+        if isinstance(inputs, Mapping):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise BackendError(f"missing inputs {missing}; this model takes "
+                                   f"{self.input_names}")
+            return [inputs[n] for n in self.input_names]
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(self.input_names):
+                raise BackendError(f"got {len(inputs)} inputs, this model takes "
+                                   f"{len(self.input_names)}: {self.input_names}")
+            return list(inputs)
+        if len(self.input_names) != 1:
+            raise BackendError(f"this model takes {len(self.input_names)} inputs "
+                               f"{self.input_names}; pass a dict or a tuple")
+        return [inputs]
+
+    def run(self, inputs: Any) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class OnnxSession(Session):
+    """An onnxruntime InferenceSession with memadapt's uniform ``run``."""
+
+    def __init__(self, source: str | Path | bytes, device: str = "cpu",
+                 threads: int | None = None, variant: str | None = None):
+        import onnxruntime as ort
+
+        kind, idx = parse_device(device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        if kind == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(f"device {device!r} asked for, but this onnxruntime has no "
+                                   f"CUDA execution provider; install onnxruntime-gpu or use cpu")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": idx}),
+                                    "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        src = source if isinstance(source, bytes) else str(source)
+        try:
+            self._sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own opaque types
+            where = "bytes" if isinstance(source, bytes) else str(source)
+            raise BackendError(f"onnxruntime cannot load {where}: {e}") from None
+        if kind == "cuda" and "CUDAExecutionProvider" not in self._sess.get_providers():
+            raise BackendError(f"onnxruntime could not start the CUDA EP on {device!r} "
+                               f"(no usable GPU or CUDA libraries); use --device cpu")
+        self.input_names = [i.name for i in self._sess.get_inputs()]
+        self._dtypes = [_np_dtype(i.type) for i in self._sess.get_inputs()]
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+        self.device = device
+        self.variant = variant
+
+    def run(self, inputs: Any) -> np.ndarray:
+        feed = {}
+        for name, dt, x in zip(self.input_names, self._dtypes, self._feed(inputs)):
+            arr = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            feed[name] = arr if arr.dtype == dt else arr.astype(dt)
+        return self._sess.run(self.output_names[:1], feed)[0]
+
+    @property
+    def providers(self) -> list[str]:
+        return self._sess.get_providers()
+
+
+def _np_dtype(ort_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+            "tensor(double)": np.float64, "tensor(bool)": np.bool_}.get(ort_type, np.float32)
+
+
+def open_onnx(source: str | Path | bytes, device: str = "cpu", threads: int | None = None,
+              variant: str | None = None) -> OnnxSession:
+    """A session straight from an ONNX file or its bytes."""
+    return OnnxSession(source, device=device, threads=threads, variant=variant)
+
+
+@register_backend("onnxruntime")
+def _onnxruntime(manifest, device: str = "cpu", threads: int | None = None,
+                 source: bytes | None = None) -> Session:
+    kind, _ = parse_device(device)
+    if kind == "cuda" and manifest.quantized == "int8":
+        raise BackendError(f"{manifest.name!r} is int8: onnxruntime's CUDA EP has no int8 "
+                           f"kernels; serve fp32/fp16 variants on GPU or use --device cpu")
+    return OnnxSession(source if source is not None else manifest.onnx_path, device=device,
+                       threads=threads, variant=manifest.name)
+
+
+class TorchSession(Session):
+    """A torch module rebuilt from its architecture and safetensors weights."""
+
+    def __init__(self, module, input_names: Sequence[str], device: str = "cpu",
+                 dtype=None, variant: str | None = None):
+        import torch
+
+        kind, idx = parse_device(device)
+        self._torch = torch
+        self._device = torch.device("cuda", idx) if kind == "cuda" else torch.device("cpu")
+        self._dtype = dtype
+        self.module = module.to(self._device, dtype=dtype) if dtype else module.to(self._device)
+        self.input_names = list(input_names)
+        self.device = device
+        self.variant = variant
+
+    def run(self, inputs: Any) -> np.ndarray:
+        torch = self._torch
+        xs = []
+        for x in self._feed(inputs):
+            t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            t = t.to(self._device, non_blocking=True)
+            if self._dtype is not None and t.is_floating_point():
+                t = t.to(self._dtype)
+            xs.append(t)
+        with torch.inference_mode():
+            out = self.module(*xs)
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.module = None
+
+
+@register_backend("torch")
+def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
+                   source: Any = None) -> Session:
+    if manifest.weights_path is None:
+        raise BackendError(f"{manifest.name!r} has no torch weights ({manifest.quantized or 'onnx'}"
+                           f"-only variant); use --backend onnxruntime")
+    import torch
+    from safetensors.torch import load_file
+
+    from variants.families import get_family
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    fam = get_family(manifest.family)
+    module = fam.rebuild(manifest.arch)
+    module.load_state_dict(load_file(str(manifest.weights_path)))
+    return TorchSession(module.eval(), [i["name"] for i in manifest.inputs], device=device,
+                        variant=manifest.name)
+
+
+def open_session(store, name: str, *, device: str = "cpu", backend: str = "onnxruntime",
+                 threads: int | None = None, verify: bool = True) -> Session:
+    """Load stored variant ``name`` into a runnable session on ``device``."""
+    from variants.store import Store
+
+    store = store if isinstance(store, Store) else Store(store)
+    if backend not in _BACKENDS:
+        raise UnknownNameError("backend", backend, list_backends())
+    manifest = store.verify(name) if verify else store.get(name)
+    return _BACKENDS[backend](manifest, device=device, threads=threads)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))

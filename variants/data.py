@@ -1,0 +1,202 @@
+"""Calibration and evaluation data, by name or from the user's files.
+
+Built-in sources need no download:
+
+- ``random``: random inputs of the serving shape (memory/latency work only);
+- ``digits``: scikit-learn's bundled handwritten digits (1797 labelled 8x8
+  images, 10 classes), split deterministically into train/calib/eval;
+- ``text``: sentences from Python's own documentation strings (unlabelled).
+
+User data: ``.npz`` (arrays ``x``/``inputs`` and optional ``y``/``labels``),
+``.npy`` (inputs only), ``.txt`` (one text per line), or a folder of images
+in one sub-folder per class.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from variants.errors import DataError
+
+BUILTIN_SOURCES = ("random", "digits", "text")
+SPLITS = ("train", "calib", "eval")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Raw inputs (images array or list of texts), optional integer labels."""
+
+    name: str
+    inputs: Any
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def take(self, n: int | None) -> Dataset:
+        if n is None or n >= len(self):
+            return self
+        lab = None if self.labels is None else self.labels[:n]
+        return Dataset(self.name, self.inputs[:n], lab)
+
+    def batches(self, batch: int):
+        for i in range(0, len(self), batch):
+            lab = None if self.labels is None else self.labels[i:i + batch]
+            yield self.inputs[i:i + batch], lab
+
+
+def list_sources() -> list[str]:
+    return list(BUILTIN_SOURCES)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(1234).permutation(len(y))
+    return x[order], y[order]
+
+
+def _digits_split(split: str) -> Dataset:
+    x, y = _digits()
+    # 1197 train, 200 calib, 400 eval: calibration never sees the eval images
+    bounds = {"train": (0, 1197), "calib": (1197, 1397), "eval": (1397, 1797)}[split]
+    a, b = bounds
+    return Dataset(f"digits:{split}", x[a:b], y[a:b])
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus() -> tuple[str, ...]:
+    """Sentences from the docstrings of Python's standard library (deterministic)."""
+    import importlib
+    import re
+
+    mods = ["json", "os", "pathlib", "collections", "functools", "itertools", "random", "re",
+            "string", "textwrap", "datetime", "decimal", "fractions", "statistics", "heapq",
+            "bisect", "csv", "argparse", "logging", "threading", "queue", "shutil", "tempfile",
+            "zipfile", "unittest", "difflib", "calendar", "inspect", "contextlib", "dataclasses"]
+    seen: set[str] = set()
+    out: list[str] = []
+    for name in mods:
+        mod = importlib.import_module(name)
+        docs = [mod.__doc__ or ""]
+        for attr in sorted(dir(mod)):
+            if attr.startswith("_"):
+                continue
+            docs.append(getattr(getattr(mod, attr, None), "__doc__", None) or "")
+        for doc in docs:
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 30 <= len(s) <= 300 and s[0].isalpha() and s not in seen:
+                    seen.add(s)
+                    out.append(s)
+    return tuple(out)
+
+
+def _text_split(split: str) -> Dataset:
+    corpus = list(_corpus())
+    order = np.random.default_rng(99).permutation(len(corpus))
+    texts = [corpus[i] for i in order]
+    n = len(texts)
+    a, b = {"train": (0, n // 2), "calib": (n // 2, 3 * n // 4), "eval": (3 * n // 4, n)}[split]
+    return Dataset(f"text:{split}", texts[a:b])
+
+
+def _from_path(p: Path, split: str) -> Dataset:
+    if p.is_dir():
+        return _image_folder(p)
+    if not p.is_file():
+        raise DataError(f"data source {str(p)!r} is neither a built-in name "
+                        f"({', '.join(BUILTIN_SOURCES)}) nor an existing file or folder")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            xk = next((k for k in ("x", "inputs", "X") if k in keys), None)
+            if xk is None:
+                raise DataError(f"{str(p)!r} has arrays {sorted(keys)}; expected inputs under "
+                                f"'x' or 'inputs' (and labels under 'y' or 'labels')")
+            yk = next((k for k in ("y", "labels") if k in keys), None)
+            x = z[xk].astype(np.float32) if z[xk].dtype.kind == "f" else z[xk]
+            y = z[yk].astype(np.int64) if yk else None
+        if y is not None and len(y) != len(x):
+            raise DataError(f"{str(p)!r}: {len(x)} inputs but {len(y)} labels")
+        return Dataset(str(p), x, y)
+    if p.suffix == ".npy":
+        return Dataset(str(p), np.load(p, allow_pickle=False))
+    if p.suffix in (".txt", ".text"):
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise DataError(f"{str(p)!r} holds no text lines")
+        return Dataset(str(p), lines)
+    raise DataError(f"cannot read data from {str(p)!r}: use .npz, .npy, .txt or an image folder")
+
+
+def _image_folder(root: Path) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"image folder {str(root)!r} needs one sub-folder per class")
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                img = Image.open(f).convert("RGB")
+                xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+                ys.append(label)
+    if not xs:
+        raise DataError(f"image folder {str(root)!r} holds no .png/.jpg images")
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise DataError(f"images in {str(root)!r} differ in size {sorted(shapes)}; resize them")
+    return Dataset(str(root), np.stack(xs), np.asarray(ys, dtype=np.int64))
+
+
+def load_data(source: str, split: str = "calib") -> Dataset:
+    """A built-in source by name or a user path; ``split`` picks train/calib/eval."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if source == "digits":
+        return _digits_split(split)
+    if source == "text":
+        return _text_split(split)
+    if source == "random":
+        raise DataError("'random' has no stored samples; use calibration_batches()")
+    return _from_path(Path(source), split)
+
+
+def default_source(family_name: str) -> str:
+    return {"resnet": "digits", "bert": "text"}.get(family_name, "random")
+
+
+@dataclass
+class Calibration:
+    """Batches of model inputs (tuples of tensors) for quantization and distillation."""
+
+    source: str
+    batches: list[tuple[Any, ...]]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def calibration(family, arch: dict, source: str | None = None, *, samples: int = 64,
+                batch: int = 16, seed: int = 0) -> Calibration:
+    """Model-ready calibration batches from ``source`` (default per family)."""
+    source = source or default_source(family.name)
+    if source == "random":
+        n = max(1, samples // batch)
+        return Calibration(source, [family.example_inputs(arch, batch, seed=seed + i)
+                                    for i in range(n)])
+    ds = load_data(source, "calib").take(samples)
+    return Calibration(source, [family.data_inputs(arch, x) for x, _ in ds.batches(batch)])

@@ -1,0 +1,97 @@
+"""Transformation registry: implementations register against the spec *type*.
+
+Torch-stage transforms (prune, early exit) map an ``nn.Module`` to a new
+module and architecture; ONNX-stage transforms (quantize) map the parent's
+ONNX file to a new one. Rebuild hooks let a family's ``rebuild(arch)``
+reproduce a transformed structure (e.g. pruned channel counts) before the
+stored safetensors are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from variants.errors import SpecError
+from variants.specs import Spec
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class TransformContext:
+    """What a transformation may use besides the model itself."""
+
+    family: Any  # variants.families.Family
+    base: Any  # the untransformed base nn.Module (the distillation teacher)
+    base_arch: dict[str, Any]
+    calib: Any  # variants.data.Calibration
+    seed: int = 0
+    recover_steps: int | None = None
+    workdir: Path | None = None
+    progress: ProgressFn | None = None
+    #: metrics a transform wants recorded in the manifest (e.g. fidelity before/after recovery)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def tick(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
+
+
+TorchTransform = Callable[[Any, Spec, dict, TransformContext], tuple[Any, dict]]
+OnnxTransform = Callable[[Path, Path, Spec, dict, TransformContext], None]
+
+_TORCH: dict[type, TorchTransform] = {}
+_ONNX: dict[type, OnnxTransform] = {}
+_REBUILD: list[tuple[str | None, str, Callable[[Any, dict], Any]]] = []
+
+
+def register_torch_transform(spec_type: type[Spec]):
+    """Decorator: ``fn(module, spec, arch, ctx) -> (new_module, new_arch)``."""
+    def deco(fn: TorchTransform) -> TorchTransform:
+        _TORCH[spec_type] = fn
+        return fn
+    return deco
+
+
+def register_onnx_transform(spec_type: type[Spec]):
+    """Decorator: ``fn(src_onnx, dst_onnx, spec, arch, ctx) -> None``."""
+    def deco(fn: OnnxTransform) -> OnnxTransform:
+        _ONNX[spec_type] = fn
+        return fn
+    return deco
+
+
+def register_rebuild_hook(family: str | None, arch_key: str):
+    """Decorator: ``fn(module, arch) -> module`` applied by ``rebuild`` when ``arch_key`` in arch."""
+    def deco(fn):
+        _REBUILD.append((family, arch_key, fn))
+        return fn
+    return deco
+
+
+def rebuild_hooks(family: str, arch: dict) -> list[Callable[[Any, dict], Any]]:
+    return [fn for fam, key, fn in _REBUILD if (fam is None or fam == family) and key in arch]
+
+
+def torch_transform(spec: Spec) -> TorchTransform:
+    fn = _TORCH.get(type(spec))
+    if fn is None:
+        raise SpecError(f"no torch implementation registered for {spec.kind!r}")
+    return fn
+
+
+def onnx_transform(spec: Spec) -> OnnxTransform:
+    fn = _ONNX.get(type(spec))
+    if fn is None:
+        raise SpecError(f"no ONNX implementation registered for {spec.kind!r}")
+    return fn
+
+
+def list_transforms() -> list[str]:
+    return sorted({t.kind for t in (*_TORCH, *_ONNX)})
