@@ -18,8 +18,10 @@ $(BIN)/memadapt: pyproject.toml
 
 venv: $(BIN)/memadapt
 
+# The main job end to end on embedded defaults (grows as the pipeline does).
 demo: venv
-	$(BIN)/python examples/demo.py --store $(STORE)
+	$(BIN)/memadapt generate resnet18 --quantize int8,fp16 --out $(STORE)
+	$(BIN)/memadapt list $(STORE)
 
 test: venv
 	$(BIN)/python -m pytest -q

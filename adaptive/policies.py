@@ -145,7 +145,8 @@ class CacheState:
         if cur == v:
             return
         used = self.used - self.mem[m][cur] + self.mem[m][v]
-        if used > self.budget:
+        # a downgrade while shedding after a budget drop is still over budget, but shrinks
+        if used > self.budget and used > self.used:
             raise CacheInvariantError(f"swap {self.names[m]!r} to candidate {v} would use {used} "
                                       f"bytes, over the budget of {self.budget}")
         self.used = used
@@ -162,6 +163,8 @@ class Policy:
     name: ClassVar[str] = ""
     #: offline policies are given the whole future trace in :meth:`reset`
     offline: ClassVar[bool] = False
+    #: whether the policy chooses among variants (not just the base) -- for reports
+    variant_aware: ClassVar[bool] = False
 
     cache: CacheState
 
@@ -399,6 +402,8 @@ class INFaaSPolicy(_LRUOrder, WholeModelPolicy):
     Variant-aware in *which* variant it loads, but it never downgrades what is resident.
     """
 
+    variant_aware = True
+
     def on_miss(self, i: int, t: float, m: int) -> int:
         c = self.cache
         fits = [k for k in c.eligible[m] if c.mem[m][k] <= c.budget]
@@ -439,9 +444,11 @@ class MemAdaptPolicy(Policy):
     variant still leaves too little room are the coldest residents evicted.
     """
 
+    variant_aware = True
+
     def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, replan_s: float = 300.0,
                  min_replan_s: float = 30.0, hysteresis: float = 0.25,
-                 exact: bool | None = False):
+                 exact: bool | None = None):
         for k, v in (("tau_s", tau_s), ("tick_s", tick_s)):
             if not v > 0:
                 raise PolicyError(f"memadapt: {k} must be > 0, got {v!r}")

@@ -20,8 +20,9 @@ multiple-choice knapsack problem (MCKP). How it is solved:
   multiplier (the efficiency of the first upgrade that did not fit), removes every
   candidate whose Lagrangian reduced cost exceeds the LP-incumbent gap (usually almost
   all), and runs a dynamic program over the remaining models whose states are the
-  Pareto frontier of (memory, key), pruned by the same bound. It is exact, and bounded by
-  a work limit after which it returns the best plan found and says so (``exact=False``).
+  Pareto frontier of (memory, key), each pruned by its key plus the LP relaxation of the
+  models still to decide. All of it is integer arithmetic, so it is exact; a work limit
+  bounds it, after which it returns the best plan found and says so (``exact=False``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ OBJECTIVES = ("accuracy", "misses")
 #: With ``exact=None`` instances with at most this many eligible candidates (summed over
 #: models) are solved exactly; larger ones take the fast greedy path.
 AUTO_EXACT_MAX_OPTIONS = 5000
-#: Default work limit of the exact path, in dynamic-programming states generated.
-DEFAULT_NODE_LIMIT = 200_000
+#: Default work limit of the exact path, in dynamic-programming states generated (about
+#: 2-3 us each). Realistic 100 x 10 instances need at most ~15k; degenerate ones (many
+#: identical models whose variants lie on one line) can need millions.
+DEFAULT_NODE_LIMIT = 50_000
 
 # Quantization grids: a value becomes round(value * 2**k) with k chosen so that the sum of
 # the best values is < 2**bits. Power-of-two scales keep dyadic inputs (integer rates,
@@ -115,8 +118,9 @@ class Plan:
     ``choice`` maps every model to its chosen variant name (None: not resident) and
     ``details`` to the chosen :class:`Candidate`. ``utility`` is the sum of
     ``rate * accuracy`` over resident models and ``served_rate`` the sum of their rates
-    (requests served without a cold load), whatever the objective. ``exact`` is False when
-    the plan came from the fast path or the exact path hit its work limit.
+    (requests served without a cold load), whatever the objective. ``exact`` is True when
+    the plan is proven optimal; False when it came from the fast path (unless everything
+    fit at its best) or the exact path hit its work limit.
     """
 
     choice: dict[str, str | None]
@@ -132,8 +136,6 @@ class Plan:
         """Models this plan keeps resident and their variants: the ``resident=`` argument
         for the next :func:`select` call, so a re-plan prefers not to swap."""
         return {m: v for m, v in self.choice.items() if v is not None}
-
-
 
 
 def smallest_eligible(demand: ModelDemand) -> Candidate | None:
@@ -158,6 +160,8 @@ def check_feasible(demands: Sequence[ModelDemand], budget_bytes: int,
     """
     budget = _check_budget(budget_bytes)
     by_name = {d.model: d for d in _check_demands(demands)}
+    if isinstance(required, str):  # one name, not its characters
+        required = [required]
     for name in required:
         demand = by_name.get(name)
         if demand is None:
@@ -217,9 +221,9 @@ def select(demands: Sequence[ModelDemand], budget_bytes: int, *, objective: str 
     if exact:
         pos, proven = _solve_exact(models, steps, budget, node_limit)
     else:
-        pos, free, _ = _greedy(models, steps, budget)
+        pos, free, split = _greedy(models, steps, budget)
         _fixup(models, pos, free)
-        proven = False
+        proven = split is None  # every model got its best option: optimal
     return _make_plan(demands, models, pos, budget, objective, proven)
 
 
@@ -307,8 +311,9 @@ def _prepare(demands: list[ModelDemand], objective: str,
     of the fast path, hence the hand-inlined loops.
     """
     n = len(demands)
-    # Scales from the total rate (accuracy <= 1), an upper bound of the best total value.
-    rate_total = sum(d.rate for d in demands)
+    # Scales from the total rate (accuracy <= 1), an upper bound of the best total value;
+    # fsum is exact, so the scale does not depend on the order of the demands.
+    rate_total = math.fsum(d.rate for d in demands)
     acc_scale = _pow2_scale(rate_total, _ACC_BITS)
     if objective == "misses":
         hit_scale = _pow2_scale(rate_total, _HIT_BITS)
@@ -444,10 +449,17 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]
                  node_limit: int) -> tuple[list[int], bool]:
     """Exact MCKP: greedy incumbent, Lagrangian reduction, bounded Pareto DP.
 
-    The bound: for any multiplier lam >= 0 and any feasible plan,
-    sum(key) <= lam * budget + sum_m (key_m - lam * mem_m) <= lam * budget + sum_m max_m,
-    with lam the LP split item's efficiency (then it equals the LP bound). Everything is
+    Reduction: for any multiplier lam >= 0 and any feasible plan,
+    sum(key) <= lam * budget + sum_m (key_m - lam * mem_m), so an option whose reduced cost
+    max_m - (key - lam * mem) exceeds (bound - incumbent) cannot beat the incumbent. lam is
+    the LP split item's efficiency, which makes the bound the LP bound; everything is
     scaled by the split's byte count so the arithmetic is exact in integers.
+
+    DP: the surviving models one by one; a state is (memory, key) of the models so far,
+    only its Pareto frontier is kept, and a state is dropped when its key plus the LP
+    relaxation of the models left (exact integer arithmetic) cannot reach the best plan
+    known, which improves as states complete to feasible plans with the LP's whole
+    upgrades. Ties in (key, memory) keep the first state generated, a fixed order.
     """
     pos, free, split = _greedy(models, steps, budget)
     free = _fixup(models, pos, free)
@@ -478,41 +490,56 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]
             fixed_key += m.keys[keep[0]]
         else:
             dp.append((mi, keep))
-    dp.sort(key=lambda e: len(e[1]))
+    # Models with the widest key range first: their choices move the bounds most, so
+    # the frontier is pruned early and the many near-tied small models come last.
+    dp.sort(key=lambda e: models[e[0]].keys[e[1][0]] - models[e[0]].keys[e[1][-1]])
     cap = budget - fixed_mem
     count = len(dp)
-    suf_t = [0] * (count + 1)
-    suf_mem = [0] * (count + 1)
-    for s in range(count - 1, -1, -1):
-        mi, keep = dp[s]
-        suf_t[s] = suf_t[s + 1] + max_t[mi]
-        suf_mem[s] = suf_mem[s + 1] + models[mi].mems[keep[0]]
-    # A state (mem, key) after stage s stays if its bound reaches the incumbent:
-    # lam_key*budget + (fixed_key+key)*lam_mem - lam_key*(fixed_mem+mem) + suf_t[s+1]
-    #   >= inc_key*lam_mem
-    base = inc_key * lam_mem - lam_key * budget - fixed_key * lam_mem + lam_key * fixed_mem
+    bounds, upgrades = _suffix_lps(models, dp)
+    need = inc_key - fixed_key  # what the DP models must reach to matter
+    found = None  # (stage, upgrades taken, path) of the best plan seen beyond the incumbent
 
     states: list[tuple[int, int, tuple | None]] = [(0, 0, None)]
     nodes = 0
     for s, (mi, keep) in enumerate(dp):
         m = models[mi]
-        threshold = base - suf_t[s + 1]
-        room = cap - suf_mem[s + 1]
+        base_mem, base_key, cum_mem, cum_key, next_key, next_mem = bounds[s + 1]
+        room = cap - base_mem
+        # Keys below are relative to the fixed models and the suffix's smallest options.
+        best_known = need - base_key
+        last = len(cum_mem) - 1
         opts = [(m.mems[j], m.keys[j], j) for j in keep]
         grown = []
         for smem, skey, path in states:
+            if nodes + len(grown) > node_limit:
+                break
             for omem, okey, j in opts:
                 mem = smem + omem
                 if mem > room:
-                    break
+                    break  # options rise in memory
                 key = skey + okey
-                if key * lam_mem - lam_key * mem >= threshold:
+                # Upper bound: this state plus the LP relaxation of the models left.
+                x = room - mem
+                t = bisect_right(cum_mem, x) - 1
+                bound = key + cum_key[t]
+                if bound > best_known:
+                    # Taking only the whole upgrades is a feasible plan: a better incumbent.
+                    best_known = bound
+                    found = (s, t, (j, path))
+                if t < last:
+                    bound += (x - cum_mem[t]) * next_key[t] // next_mem[t]
+                if bound >= best_known:
                     grown.append((mem, -key, (j, path)))
+        need = best_known + base_key
         nodes += len(grown)
         if nodes > node_limit:
-            logger.warning("exact selection stopped after %d states (node_limit=%d) on %d "
-                           "models; returning the greedy plan", nodes, node_limit, len(models))
-            return pos, False
+            if found is not None:
+                _complete(choice, dp, upgrades, *found)
+            else:
+                choice = pos
+            logger.warning("exact selection stopped at node_limit=%d on %d models (%d in the "
+                           "DP); returning the best plan found", node_limit, len(models), count)
+            return choice, False
         grown.sort(key=itemgetter(0, 1))
         states = []
         best = None
@@ -522,15 +549,83 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]
                 states.append((mem, best, path))
     logger.debug("exact selection: %d models, %d in the DP, %d states", len(models), count,
                  nodes)
-    if not states:  # cannot happen (the incumbent survives); keep it rather than fail
+    if not states:  # pragma: no cover - the incumbent's own path always survives
         return pos, True
     mem, key, path = states[-1]
     if (fixed_key + key, -(fixed_mem + mem)) < (inc_key, -inc_mem):
-        return pos, True  # pragma: no cover - the incumbent is always among the states
-    for s in range(count - 1, -1, -1):
+        return pos, True  # pragma: no cover - likewise
+    _complete(choice, dp, [], count - 1, 0, path)
+    return choice, True
+
+
+def _complete(choice: list[int], dp: list[tuple[int, list[int]]],
+              upgrades: list[tuple[int, int, int, int, int, int]], stage: int, taken: int,
+              path: tuple) -> None:
+    """Write into ``choice`` the plan of a DP state after ``stage`` (its ``path`` holds the
+    options of dp[0..stage]) completed by the first ``taken`` LP upgrades of the rest."""
+    for s in range(stage, -1, -1):
         j, path = path
         choice[dp[s][0]] = j
-    return choice, True
+    for s in range(stage + 1, len(dp)):
+        choice[dp[s][0]] = dp[s][1][0]
+    for _, s, _, b, _, _ in upgrades:
+        if taken == 0:
+            break
+        if s > stage:
+            choice[dp[s][0]] = b
+            taken -= 1
+
+
+def _suffix_lps(models: list[_Options], dp: list[tuple[int, list[int]]],
+                ) -> tuple[list[tuple[int, int, list[int], list[int], list[int], list[int]]],
+                           list[tuple[int, int, int, int, int, int]]]:
+    """LP relaxations of the DP's suffixes: for stage s, the models dp[s:], each limited
+    to its surviving options.
+
+    Entry s is (memory and key of every model at its smallest option, then the cumulative
+    memory and key after the first t hull upgrades by decreasing key per byte, and the
+    key and memory of upgrade t + 1). The LP value at x spare bytes is the key after the
+    upgrades that fit plus the fitting fraction of the next one. Also returns the upgrades,
+    sorted, as (-scaled key per byte, stage, from option, to option, delta key, delta bytes).
+    """
+    upgrades = []
+    for s, (mi, keep) in enumerate(dp):
+        mems = models[mi].mems
+        keys = models[mi].keys
+        hull = [keep[0]]
+        for j in keep[1:]:  # exact integer upper hull of the survivors
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                if (keys[b] - keys[a]) * (mems[j] - mems[b]) < \
+                        (keys[j] - keys[b]) * (mems[b] - mems[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(j)
+        for a, b in zip(hull, hull[1:]):
+            upgrades.append((s, a, b, keys[b] - keys[a], mems[b] - mems[a]))
+    # Sort by key per byte exactly: two different fractions dk/dm differ by at least
+    # 1/(dm1*dm2), so scaled by 2**shift > 2 * max(dm)**2 their floors differ too.
+    shift = 2 * max((u[4] for u in upgrades), default=1).bit_length() + 1
+    upgrades = sorted((-((dk << shift) // dm), s, a, b, dk, dm) for s, a, b, dk, dm in upgrades)
+    out = [(0, 0, [0], [0], [], [])] * (len(dp) + 1)
+    base_mem = base_key = 0
+    for s in range(len(dp) - 1, -1, -1):
+        mi, keep = dp[s]
+        base_mem += models[mi].mems[keep[0]]
+        base_key += models[mi].keys[keep[0]]
+        cum_mem = [0]
+        cum_key = [0]
+        next_key = []
+        next_mem = []
+        for _, stage, _, _, dk, dm in upgrades:
+            if stage >= s:
+                next_key.append(dk)
+                next_mem.append(dm)
+                cum_mem.append(cum_mem[-1] + dm)
+                cum_key.append(cum_key[-1] + dk)
+        out[s] = (base_mem, base_key, cum_mem, cum_key, next_key, next_mem)
+    return out, upgrades
 
 
 def _make_plan(demands: list[ModelDemand], models: list[_Options], pos: list[int], budget: int,
@@ -538,14 +633,11 @@ def _make_plan(demands: list[ModelDemand], models: list[_Options], pos: list[int
     chosen: dict[int, Candidate | None] = {m.demand_index: m.cands[p] for m, p in zip(models, pos)}
     details = {d.model: chosen[i] for i, d in enumerate(demands)}
     choice = {name: (c.variant if c is not None else None) for name, c in details.items()}
-    memory = 0
-    utility = served = 0.0
-    for d in demands:
-        c = details[d.model]
-        if c is not None:
-            memory += c.memory_bytes
-            utility += d.rate * c.accuracy
-            served += d.rate
+    resident = [(d, details[d.model]) for d in demands if details[d.model] is not None]
+    memory = sum(c.memory_bytes for _, c in resident)
+    # fsum: the same plan reports the same figures whatever the order of the demands.
+    utility = math.fsum(d.rate * c.accuracy for d, c in resident)
+    served = math.fsum(d.rate for d, _ in resident)
     if memory > budget:  # pragma: no cover - guarded by construction
         raise AssertionError(f"selection exceeded the budget: {memory} > {budget}")
     return Plan(choice=choice, memory_bytes=memory, utility=utility, budget_bytes=budget,

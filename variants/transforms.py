@@ -68,7 +68,7 @@ def register_onnx_transform(spec_type: type[Spec]):
 
 
 def register_rebuild_hook(family: str | None, arch_key: str):
-    """Decorator: ``fn(module, arch) -> module`` applied by ``rebuild`` when ``arch_key`` in arch."""
+    """Decorator: ``fn(module, arch) -> module``, run by ``rebuild`` when ``arch_key`` in arch."""
     def deco(fn):
         _REBUILD.append((family, arch_key, fn))
         return fn

@@ -102,7 +102,7 @@ class ResNetFamily(Family):
         return len(self.exit_stages)
 
     def data_inputs(self, arch, data):
-        """Images (N, C, h, w) or (N, h, w) in [0, 1] -> normalized (N, 3, r, r) at data_resolution."""
+        """Images (N, C, h, w) or (N, h, w) in [0, 1] -> normalized (N, 3, r, r)."""
         import numpy as np
         import torch
         import torch.nn.functional as F

@@ -1,0 +1,249 @@
+"""Peak memory of one variant at one batch size, and a linear model of it.
+
+Each (variant, batch) is measured in a fresh child process (``profiler._child``):
+allocators keep what they freed (glibc free lists, the onnxruntime arena), so
+a second batch size measured in the same process reuses the first one's memory
+and reads low (ResNet-18 fp32 at batch 4 after batch 1: 150 MiB instead of the
+177 MiB a fresh process needs). In the child:
+
+- CPU: the kernel's high-water mark of resident memory (``VmHWM`` in
+  ``/proc/self/status``), reset with ``echo 5 > /proc/self/clear_refs`` so the
+  load transient and the inference peak are told apart; where that file cannot
+  be written, a thread samples the resident size instead. Every figure is
+  reported minus the baseline taken after the imports.
+- CUDA: torch's allocator peak after ``reset_peak_memory_stats`` plus what the
+  allocator does not see (the CUDA context, library workspaces), and, for
+  onnxruntime, which has no per-session API, the process's memory in NVML
+  sampled during the runs. Nothing GPU-specific is imported on the CPU path.
+
+``getrusage(RUSAGE_CHILDREN)`` is deliberately not used: it is the maximum over
+all children ever waited for, so it cannot tell variants apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_bytes(*keys: str) -> dict[str, int]:
+    with open(_STATUS, encoding="ascii") as f:
+        text = f.read()
+    out = {}
+    for k in keys:
+        m = re.search(rf"^{k}:\s+(\d+) kB", text, re.MULTILINE)
+        if m:
+            out[k] = int(m.group(1)) * 1024
+    return out
+
+
+def _can_clear_refs() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w", encoding="ascii") as f:
+            f.write("5")
+        return "VmHWM" in _status_bytes("VmHWM")
+    except OSError:
+        return False
+
+
+class PeakMeter:
+    """Resident memory of this process now and its peak since the last :meth:`reset`.
+
+    ``method`` says how the peak is known: ``"vmhwm"`` (exact, from the kernel)
+    or ``"sampled"`` (a thread reading the resident size every ``interval_s``,
+    which can miss a spike shorter than the interval).
+    """
+
+    def __init__(self, interval_s: float = 0.001):
+        self.method = "vmhwm" if _can_clear_refs() else "sampled"
+        self._interval = interval_s
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.method == "sampled":
+            import psutil
+
+            self._proc = psutil.Process()
+            self._peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, name="peak-meter", daemon=True)
+            self._thread.start()
+
+    def rss(self) -> int:
+        if self.method == "vmhwm":
+            return _status_bytes("VmRSS")["VmRSS"]
+        return int(self._proc.memory_info().rss)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self.rss())
+
+    def reset(self) -> None:
+        if self.method == "vmhwm":
+            with open(_CLEAR_REFS, "w", encoding="ascii") as f:
+                f.write("5")
+        else:
+            self._peak = self.rss()
+
+    def peak(self) -> int:
+        if self.method == "vmhwm":
+            return _status_bytes("VmHWM")["VmHWM"]
+        self._peak = max(self._peak, self.rss())
+        return self._peak
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class CudaMeter:
+    """GPU memory of this process on one device (used by the child on ``cuda``).
+
+    With torch (``torch=True``) the allocator's own counters are exact and NVML
+    only adds what the allocator does not own (context, cuDNN/cuBLAS
+    workspaces); onnxruntime gives no per-session figure, so the process's NVML
+    memory is sampled while it runs.
+    """
+
+    def __init__(self, index: int, pid: int, *, torch: bool, interval_s: float = 0.005):
+        self.index, self.pid, self.use_torch = index, pid, torch
+        self.method = "torch+nvml" if torch else "nvml"
+        self._nvml = _Nvml(index)
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._interval = interval_s
+
+    def process_bytes(self) -> int:
+        return self._nvml.process_bytes(self.pid)
+
+    def _torch(self):
+        import torch
+
+        return torch.cuda
+
+    def reset(self) -> None:
+        if self.use_torch:
+            self._torch().synchronize(self.index)
+            self._torch().reset_peak_memory_stats(self.index)
+        else:
+            self._peak = self.process_bytes()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._peak = max(self._peak, self.process_bytes())
+
+    def current(self) -> int:
+        if self.use_torch:
+            cuda = self._torch()
+            outside = max(0, self.process_bytes() - cuda.memory_reserved(self.index))
+            return outside + cuda.memory_allocated(self.index)
+        return self.process_bytes()
+
+    def peak(self) -> int:
+        if self.use_torch:
+            cuda = self._torch()
+            cuda.synchronize(self.index)
+            outside = max(0, self.process_bytes() - cuda.memory_reserved(self.index))
+            return outside + cuda.max_memory_allocated(self.index)
+        self._peak = max(self._peak, self.process_bytes())
+        return self._peak
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _Nvml:
+    """Per-process GPU memory through pynvml when installed, else ``nvidia-smi``."""
+
+    def __init__(self, index: int):
+        self.index = index
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._pynvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:  # noqa: BLE001 - missing module or no driver: fall back
+            self._pynvml = None
+            self._smi = shutil.which("nvidia-smi")
+
+    def process_bytes(self, pid: int) -> int:
+        if self._pynvml is not None:
+            procs = self._pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+            return int(sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid))
+        if self._smi is None:
+            return 0
+        out = subprocess.run([self._smi, "--query-compute-apps=pid,used_memory",
+                              "--format=csv,noheader,nounits", "-i", str(self.index)],
+                             capture_output=True, text=True, timeout=30).stdout
+        total = 0
+        for line in out.splitlines():
+            p, _, mib = line.partition(",")
+            if p.strip() == str(pid) and mib.strip().isdigit():
+                total += int(mib) * 1024 * 1024
+        return total
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """``memory(batch) = static + per_sample * batch``, fitted by least squares.
+
+    ``residual_bytes`` is the root-mean-square error of the fit on the batches
+    it was fitted to (0 when there are only two: a line through two points is
+    exact, so only a third, unfitted batch tests it).
+    """
+
+    static_bytes: float
+    per_sample_bytes: float
+    residual_bytes: float
+    batches: tuple[int, ...]
+
+    def predict(self, batch: int) -> int:
+        return int(round(self.static_bytes + self.per_sample_bytes * batch))
+
+
+def fit_memory(points: Sequence[tuple[int, int]], static_bytes: int | None = None
+               ) -> MemoryFit | None:
+    """Fit (batch, peak bytes) points. With one batch size only, the line goes through
+    the measured static memory (``static_bytes``) and that point; with none, ``None``."""
+    pts = sorted((int(b), int(m)) for b, m in points if m is not None)
+    if not pts:
+        return None
+    batches = tuple(b for b, _ in pts)
+    if len(set(batches)) == 1:
+        if static_bytes is None:
+            return None
+        b, m = pts[0]
+        return MemoryFit(float(static_bytes), (m - static_bytes) / b, 0.0, batches)
+    import numpy as np
+
+    x = np.array([[1.0, b] for b, _ in pts])
+    y = np.array([float(m) for _, m in pts])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ coef
+    rms = math.sqrt(float(np.mean(resid ** 2)))
+    return MemoryFit(float(coef[0]), float(coef[1]), rms, batches)
+
+
+_OOM_MARKERS = ("out of memory", "bad_alloc", "failed to allocate", "memoryerror",
+                "cannot allocate memory", "cudaerrormemoryallocation")
+
+
+def is_oom(text: str) -> bool:
+    """Whether an error message means the device ran out of memory."""
+    low = text.lower()
+    return any(m in low for m in _OOM_MARKERS)
+

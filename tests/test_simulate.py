@@ -1,0 +1,303 @@
+"""The trace simulator and the caching policies, on small made-up profiles.
+
+Contract tests are parametrized over ``list_policies()`` so a newly registered policy is held
+to the budget and floor invariants the moment it exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adaptive.errors import AdaptiveError
+from adaptive.policies import (
+    CacheInvariantError,
+    Policy,
+    PolicyError,
+    get_policy,
+    list_policies,
+    register_policy,
+)
+from adaptive.select import Candidate, ModelDemand
+from adaptive.simulate import SimResult, clone_population, compare, simulate
+from adaptive.traces import BudgetTrace, RequestTrace, TraceError, synth
+
+MB = 1_000_000
+
+
+def _families() -> list[ModelDemand]:
+    """Three families with base, quantized, pruned and early-exit variants and a floor that
+    rules out the smallest, least accurate one (so floor violations are possible)."""
+    return [
+        ModelDemand("cnn", [
+            Candidate("base", 200 * MB, 0.76, 0.040, 0.17),
+            Candidate("int8", 100 * MB, 0.75, 0.020, 0.09),
+            Candidate("prune0.5+int8", 60 * MB, 0.71, 0.010, 0.06),
+            Candidate("exit2", 40 * MB, 0.55, 0.008, 0.03),
+        ], floor=0.70),
+        ModelDemand("small", [
+            Candidate("base", 100 * MB, 0.70, 0.018, 0.07),
+            Candidate("int8", 50 * MB, 0.69, 0.010, 0.04),
+            Candidate("exit2", 30 * MB, 0.50, 0.007, 0.02),
+        ], floor=0.65),
+        ModelDemand("bert", [
+            Candidate("base", 180 * MB, 0.85, 0.012, 0.25),
+            Candidate("int8", 70 * MB, 0.845, 0.006, 0.12),
+            Candidate("exit3", 120 * MB, 0.79, 0.006, 0.17),
+        ], floor=0.80),
+    ]
+
+
+@pytest.fixture(scope="module")
+def population() -> tuple[ModelDemand, ...]:
+    return clone_population(_families(), 24, seed=0)
+
+
+def _base_total(demands) -> int:
+    return sum(max(d.eligible(), key=lambda c: c.accuracy).memory_bytes for d in demands)
+
+
+@pytest.fixture(scope="module")
+def budget_trace(population) -> BudgetTrace:
+    total = _base_total(population)
+    fr = [0.6, 0.15, 0.4, 0.05, 1.0, 0.25]
+    return BudgetTrace(np.arange(len(fr)) * 100.0, np.array([int(f * total) for f in fr]))
+
+
+def _check_invariants(r: SimResult, budget: int | BudgetTrace) -> None:
+    assert r.floor_violations == 0
+    assert r.hits + r.misses + r.rejected == r.requests
+    for _t, used, b in r.memory_series:
+        assert 0 <= used <= b
+    limit = budget if isinstance(budget, int) else int(budget.budget_bytes.max())
+    assert r.peak_bytes <= limit
+
+
+# --- contract over every registered policy ---------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list_policies())
+@pytest.mark.parametrize("kind", ["zipf", "azure", "bursty"])
+def test_every_policy_respects_budget_and_floor(policy, kind, population):
+    tr = synth(kind, [d.model for d in population], 4000, seed=5, duration_s=600)
+    for frac in (0.08, 0.3, 1.0):
+        budget = int(frac * _base_total(population))
+        r = simulate(tr, population, policy, budget, seed=1)
+        _check_invariants(r, budget)
+        assert r.rejected == 0  # every model has an eligible variant under 8% of the total
+        assert r.mean_accuracy >= min(d.floor for d in population)
+
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_every_policy_follows_a_changing_budget(policy, population, budget_trace):
+    tr = synth("zipf", [d.model for d in population], 4000, seed=2, duration_s=600)
+    r = simulate(tr, population, policy, budget_trace, seed=0)
+    _check_invariants(r, budget_trace)
+    # the series holds a point at every budget change, taken right after the policy shed
+    at_change = {t: (used, b) for t, used, b in r.memory_series if t in (100.0, 300.0)}
+    assert at_change[100.0][0] <= budget_trace.budget_bytes[1]
+    assert at_change[300.0][0] <= budget_trace.budget_bytes[3]
+
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_every_policy_is_deterministic_for_a_seed(policy, population):
+    tr = synth("bursty", [d.model for d in population], 3000, seed=9, duration_s=600)
+    budget = int(0.2 * _base_total(population))
+    assert simulate(tr, population, policy, budget, seed=4) == \
+        simulate(tr, population, get_policy(policy), budget, seed=4)
+
+
+def test_cache_rejects_a_policy_that_overfills():
+    @register_policy("_test_greedy")
+    class Greedy(Policy):  # loads without making room: the cache must refuse
+        def on_miss(self, i, t, m):
+            self.cache.load(m, 0, t)
+            return 0
+
+        def on_budget(self, t, budget):
+            pass
+
+    tr = RequestTrace.from_names([0, 1], ["a", "b"])
+    demands = [ModelDemand(x, [Candidate("base", 10, 0.9)]) for x in "ab"]
+    try:
+        with pytest.raises(CacheInvariantError, match="over the budget of 15"):
+            simulate(tr, demands, "_test_greedy", 15)
+        with pytest.raises(CacheInvariantError, match="after the budget dropped to 5"):
+            simulate(RequestTrace.from_names([0, 2], ["a", "a"]), demands, "_test_greedy",
+                     BudgetTrace(np.array([0.0, 1.0]), np.array([15, 5])))
+    finally:
+        from adaptive import policies
+
+        del policies._POLICIES["_test_greedy"]
+
+
+# --- exact behaviour on tiny traces ----------------------------------------------------------
+
+
+def _tiny(load_s=1.0, lat=0.1):
+    return [ModelDemand(x, [Candidate("base", 100, 0.9, lat, load_s)]) for x in "ABC"]
+
+
+def test_lru_hand_computed_sequence():
+    seq = "ABACBAAC"
+    ts = [10.0 * k for k in range(len(seq))]
+    demands = _tiny()
+    # room for two: A- B- A+ C-(evicts B) B-(evicts A) A-(evicts C) A+ C-(evicts B)
+    expected = "--+---+-"
+    outcome = ""
+    for k in range(1, len(seq) + 1):  # replay prefixes: the k-th outcome is the change in hits
+        r = simulate(RequestTrace.from_names(ts[:k], list(seq[:k]), models=list("ABC")),
+                     demands, "lru", 200)
+        prev = outcome.count("+")
+        outcome += "+" if r.hits > prev else "-"
+    assert outcome == expected
+    r = simulate(RequestTrace.from_names(ts, list(seq)), demands, "lru", 200)
+    assert (r.hits, r.misses, r.loads, r.evictions) == (2, 6, 6, 4)
+    assert r.miss_rate == pytest.approx(6 / 8)
+    assert r.mean_latency_s == pytest.approx((6 * 1.1 + 2 * 0.1) / 8)
+    assert r.load_delay_over_exec == pytest.approx(6.0 / 0.8)
+    assert r.mean_accuracy == pytest.approx(0.9)
+
+
+def test_request_during_a_load_waits_for_it():
+    tr = RequestTrace.from_names([0.0, 0.25, 5.0], ["A", "A", "A"], batch=[1, 2, 1])
+    r = simulate(tr, _tiny(load_s=1.0, lat=0.1), "lru", 100)
+    assert (r.hits, r.misses) == (2, 1)
+    # 1.1 (cold) + 0.75 wait + 0.2 exec (batch 2) + 0.1
+    assert r.mean_latency_s == pytest.approx((1.1 + 0.95 + 0.1) / 3)
+    assert r.load_delay_over_exec == pytest.approx(1.75 / 0.4)
+
+
+def test_infeasible_requests_are_rejected_not_served():
+    demands = [
+        ModelDemand("big", [Candidate("base", 500, 0.9), Candidate("tiny", 10, 0.3)], floor=0.5),
+        ModelDemand("none", [Candidate("base", 10, 0.4)], floor=0.5),  # nothing meets the floor
+        ModelDemand("ok", [Candidate("base", 50, 0.9)]),
+    ]
+    tr = RequestTrace.from_names([0, 1, 2, 3], ["big", "none", "ok", "ok"])
+    for policy in list_policies():
+        r = simulate(tr, demands, policy, 100)
+        assert (r.rejected, r.misses, r.hits) == (2, 1, 1), policy
+        assert r.floor_violations == 0
+        assert r.miss_rate == pytest.approx(0.5)
+
+
+def test_whole_model_policies_fall_back_to_a_variant_that_fits():
+    demands = [ModelDemand("m", [Candidate("base", 200, 0.9), Candidate("int8", 80, 0.85)],
+                           floor=0.8)]
+    r = simulate(RequestTrace.from_names([0], ["m"]), demands, "lru", 100)
+    assert (r.misses, r.rejected) == (1, 0)
+    assert r.mean_accuracy == pytest.approx(0.85)
+
+
+def test_memadapt_downgrades_instead_of_evicting_on_a_budget_drop():
+    demands = [ModelDemand(x, [Candidate("base", 100, 0.9, 0.01, 1.0),
+                               Candidate("int8", 40, 0.88, 0.01, 0.5)]) for x in "AB"]
+    tr = RequestTrace.from_names([0, 1, 20, 21], list("ABAB"))
+    budget = BudgetTrace(np.array([0.0, 10.0]), np.array([200, 100]))
+    mem = simulate(tr, demands, "memadapt", budget)
+    lru = simulate(tr, demands, "lru", budget)
+    assert (mem.misses, mem.evictions, mem.swaps) == (2, 0, 2)  # both kept, downgraded
+    assert (lru.misses, lru.evictions) == (4, 3)
+    assert mem.mean_accuracy == pytest.approx((0.9 + 0.9 + 0.88 + 0.88) / 4)
+    # after the drop the series shows the shrunken cache
+    assert (10.0, 80, 100) in mem.memory_series
+
+
+def test_memadapt_downgrades_others_to_admit_a_new_model_then_evicts_only_if_needed():
+    demands = [ModelDemand(x, [Candidate("base", 100, 0.9), Candidate("int8", 50, 0.85)])
+               for x in "ABCDE"]
+    tr = RequestTrace.from_names([0, 1, 2, 3, 4, 5], list("ABCDAE"))
+    r = simulate(tr, demands, "memadapt", 200)
+    # A,B at base fill the budget; C, D are admitted by downgrading (4 x 50 = 200);
+    # A hits; E finally needs an eviction.
+    assert (r.misses, r.hits, r.evictions) == (5, 1, 1)
+    assert r.swaps >= 2
+
+
+def test_memadapt_upgrades_when_the_budget_returns(population):
+    tr = synth("zipf", [d.model for d in population], 6000, seed=3, duration_s=900)
+    total = _base_total(population)
+    low = int(0.25 * total)
+    rising = BudgetTrace(np.array([0.0, 300.0]), np.array([low, total]))
+    flat = simulate(tr, population, "memadapt", low)
+    up = simulate(tr, population, "memadapt", rising)
+    assert up.policy_stats["upgrades"] > 0
+    assert up.mean_accuracy > flat.mean_accuracy
+
+
+# --- policies compared ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_never_misses_more_than_lru_on_equal_sizes(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 12))
+    demands = [ModelDemand(f"m{k}", [Candidate("base", 10, 0.9, 0.01, 0.1)]) for k in range(n)]
+    kind = ["zipf", "bursty", "azure"][seed % 3]
+    tr = synth(kind, n, 3000, seed=seed, duration_s=600)
+    for slots in range(1, n + 1):
+        b = simulate(tr, demands, "belady", 10 * slots)
+        lru = simulate(tr, demands, "lru", 10 * slots)
+        assert b.misses <= lru.misses
+        assert b.misses <= simulate(tr, demands, "random", 10 * slots, seed=seed).misses
+
+
+@pytest.mark.parametrize("kind", ["zipf", "azure"])
+def test_memadapt_misses_less_than_lru_when_small_variants_exist(kind, population):
+    tr = synth(kind, [d.model for d in population], 8000, seed=11, duration_s=1200)
+    total = _base_total(population)
+    for frac in (0.1, 0.2, 0.3, 0.5):
+        res = compare(tr, population, ["lru", "memadapt"], int(frac * total))
+        assert res["memadapt"].miss_rate <= res["lru"].miss_rate
+        assert res["memadapt"].floor_violations == 0
+
+
+# --- API edges --------------------------------------------------------------------------------
+
+
+def test_unknown_policy_and_bad_options_list_what_is_known():
+    with pytest.raises(PolicyError, match="unknown policy 'fifo'; known policies: belady"):
+        get_policy("fifo")
+    with pytest.raises(PolicyError, match="memadapt"):
+        get_policy("memadapt", tau_s=0)
+    with pytest.raises(PolicyError, match="policy 'lru': .*argument"):
+        get_policy("lru", size=3)
+    assert {"random", "lru", "lfu", "loadtime", "belady", "cremebrulee", "infaas",
+            "memadapt"} <= set(list_policies())
+
+
+def test_unknown_model_in_trace_names_the_request():
+    tr = RequestTrace.from_names([0, 1], ["A", "Q"])
+    with pytest.raises(TraceError, match="request #1: unknown model 'Q'"):
+        simulate(tr, _tiny(), "lru", 100)
+
+
+def test_bad_budget_is_an_error():
+    with pytest.raises(AdaptiveError, match="budget"):
+        simulate(RequestTrace.from_names([0], ["A"]), _tiny(), "lru", -1)
+
+
+def test_result_to_dict_is_json_ready():
+    import json
+
+    r = simulate(RequestTrace.from_names([0, 1], ["A", "A"]), _tiny(), "memadapt", 100)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["policy"] == "memadapt" and d["hits"] == 1
+    assert d["memory_series"][-1] == [1.0, 100, 100]
+
+
+def test_clone_population_names_and_jitter():
+    fams = _families()
+    pop = clone_population(fams, 7, seed=3)
+    assert [d.model for d in pop] == ["cnn#00", "small#00", "bert#00", "cnn#01", "small#01",
+                                      "bert#01", "cnn#02"]
+    assert pop == clone_population(fams, 7, seed=3)
+    a, b = pop[0], pop[3]
+    assert [c.memory_bytes for c in a.candidates] == [c.memory_bytes for c in fams[0].candidates]
+    assert a.floor == fams[0].floor
+    ratio = a.candidates[0].load_s / fams[0].candidates[0].load_s
+    assert 0.9 <= ratio <= 1.1
+    assert a.candidates[1].latency_s / fams[0].candidates[1].latency_s == pytest.approx(ratio)
+    assert a.candidates[0].load_s != b.candidates[0].load_s
+    assert clone_population(fams, 150)[-1].model == "bert#49"
