@@ -24,7 +24,8 @@ log = logging.getLogger("memadapt")
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # piped output (CI logs, files) gets wide tables instead of rich's 80-column default
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 def _errors(fn: Callable) -> Callable:
@@ -316,6 +317,250 @@ def list_cmd(store: str, as_json: bool, verify: bool) -> None:
                   f"{ratio:.0%}" if ratio else "-", f"{fid:.3f}" if fid is not None else "-",
                   m.key[:8])
     _console().print(t)
+
+
+# ---------------------------------------------------------------- selection and simulation
+
+def _size(ctx, param, value):
+    from adaptive.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _assignments(what: str):
+    """Parse repeated ``MODEL=VALUE`` (or a bare VALUE for every model) options."""
+
+    def cb(ctx, param, values):
+        out: dict[str, float] = {}
+        for v in values or ():
+            model, sep, num = v.rpartition("=")
+            try:
+                x = float(num)
+            except ValueError:
+                raise click.BadParameter(f"{v!r}: expected MODEL={what.upper()} or "
+                                         f"{what.upper()} (a number)") from None
+            out[model if sep else "*"] = x
+        return out
+
+    return cb
+
+
+def _load_demands(store, profiles, device, backend, batch, floors):
+    from adaptive.catalog import demands_from_catalog, demands_from_json
+
+    default = floors.pop("*", None)
+    if profiles:
+        ds = demands_from_json(profiles)
+        from dataclasses import replace
+
+        known = {d.model for d in ds}
+        unknown = sorted(set(floors) - known)
+        if unknown:
+            raise click.BadParameter(f"no profiles for {unknown}; known: {sorted(known)}",
+                                     param_hint="--floor")
+        return [replace(d, floor=floors.get(d.model, d.floor if default is None else default))
+                for d in ds]
+    from variants import Store
+
+    return demands_from_catalog(Store(store), device=device, backend=backend, batch=batch,
+                                floors=floors, default_floor=default or 0.0)
+
+
+@main.command("select")
+@click.argument("store", type=click.Path(), required=False)
+@click.option("--budget", required=True, callback=_size, metavar="SIZE",
+              help="Memory budget: bytes or a size such as 512MiB, 2GB (B/KiB/MiB/GiB/KB/MB/GB).")
+@click.option("--floor", "floors", multiple=True, callback=_assignments("acc"),
+              metavar="MODEL=ACC", help="Accuracy floor of a model (repeat), or ACC for all.")
+@click.option("--rate", "rates", multiple=True, callback=_assignments("rate"),
+              metavar="MODEL=R", help="Request rate of a model (repeat; default 1).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Charge each variant its profiled memory at this batch size.")
+@click.option("--objective", type=click.Choice(["accuracy", "misses"]), default="accuracy",
+              show_default=True, help="accuracy: max sum(rate*accuracy); misses: serve the most "
+                                      "requests from memory first, then accuracy.")
+@click.option("--profiles", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Use a profiles JSON file instead of STORE's catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_errors
+def select_cmd(store, budget, floors, rates, device, backend, batch, objective, profiles,
+               as_json) -> None:
+    """Choose at most one resident variant per model under a memory budget.
+
+    Never exceeds the budget and never picks a variant under its model's floor
+    (floors compare with labelled accuracy when profiled, else fidelity to the
+    base model). Exits 1 when a floor cannot be met within the budget.
+
+    \b
+    Example:
+      memadapt select store --budget 512MiB --floor resnet18=0.9 --rate minilm=5
+    """
+    from dataclasses import replace
+
+    from adaptive import select
+    from adaptive.select import check_feasible
+
+    if not store and not profiles:
+        raise click.UsageError("give a STORE (profiled with `memadapt profile`) or --profiles")
+    demands = _load_demands(store, profiles, device, backend, batch, dict(floors))
+    rates = dict(rates)
+    default_rate = rates.pop("*", None)
+    unknown = sorted(set(rates) - {d.model for d in demands})
+    if unknown:
+        raise click.BadParameter(f"no profiles for {unknown}", param_hint="--rate")
+    demands = [replace(d, rate=rates.get(d.model, d.rate if default_rate is None
+                                         else default_rate)) for d in demands]
+    # every model must be servable on its own: a floor no variant meets within the
+    # budget is the operator's error, not a plan that silently drops the model
+    check_feasible(demands, budget, [d.model for d in demands])
+    plan = select(demands, budget, objective=objective)
+    if as_json:
+        click.echo(json.dumps({"budget_bytes": budget, "memory_bytes": plan.memory_bytes,
+                               "utility": plan.utility, "exact": plan.exact,
+                               "plan": plan.choice}, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"plan for {_fmt_bytes(budget)}: {_fmt_bytes(plan.memory_bytes)} used, "
+                    f"utility {plan.utility:.3f}")
+    for col in ("model", "floor", "rate", "variant", "memory", "accuracy"):
+        t.add_column(col, justify="left" if col in ("model", "variant") else "right",
+                     no_wrap=col in ("model", "variant"))
+    for d in demands:
+        c = plan.details.get(d.model)
+        t.add_row(d.model, f"{d.floor:.3f}", f"{d.rate:g}", c.variant if c else "(not resident)",
+                  _fmt_bytes(c.memory_bytes) if c else "-", f"{c.accuracy:.3f}" if c else "-")
+    _console().print(t)
+
+
+@main.group("trace")
+def trace_group() -> None:
+    """Make and inspect request traces (CSV: timestamp_s,model[,batch])."""
+
+
+@trace_group.command("synth")
+@click.option("--models", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--requests", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--kind", type=click.Choice(["zipf", "bursty", "diurnal", "azure"]), default="zipf",
+              show_default=True, help="zipf popularity, bursty on/off, diurnal rate, or an "
+                                      "Azure-Functions-like mix (most models idle, a few hot).")
+@click.option("--duration", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+              help="Seconds the trace spans.")
+@click.option("--prefix", default="model", show_default=True, help="Model names: PREFIX000...")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@_errors
+def trace_synth_cmd(models, requests, kind, duration, prefix, seed, out) -> None:
+    """Write a synthetic request trace (deterministic for a seed).
+
+    \b
+    Example:
+      memadapt trace synth --models 30 --requests 100000 --kind azure --seed 1 --out t.csv
+    """
+    from adaptive.traces import synth, write_requests
+
+    width = max(3, len(str(models - 1)))
+    names = [f"{prefix}{i:0{width}d}" for i in range(models)]
+    tr = synth(kind, names, requests, seed, duration_s=duration)
+    write_requests(tr, out)
+    counts = sorted(tr.counts().tolist(), reverse=True) if hasattr(tr, "counts") else []
+    hot = sum(counts[:max(1, models // 10)]) / max(1, len(tr)) if counts else 0
+    click.echo(f"wrote {len(tr):,} requests over {models} models ({kind}, seed {seed}) to {out}; "
+               f"the hottest 10% of models get {hot:.0%} of requests")
+
+
+@main.command("simulate")
+@click.option("--store", type=click.Path(), default=None, help="Store whose catalog gives the "
+              "profiles (trace models not in it are cloned round-robin from its models).")
+@click.option("--profiles", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A profiles JSON file instead of --store.")
+@click.option("--trace", "trace_path", required=True, type=click.Path(exists=True,
+                                                                       dir_okay=False))
+@click.option("--budget", callback=_size, default=None, metavar="SIZE",
+              help="Fixed memory budget, e.g. 1GiB.")
+@click.option("--budget-trace", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV timestamp_s,budget_bytes: a budget that changes over time.")
+@click.option("--floor", "floors", multiple=True, callback=_assignments("acc"),
+              metavar="MODEL=ACC", help="Accuracy floor of a profiled model (its clones inherit "
+                                        "it), or ACC for all.")
+@click.option("--policies", default="all", show_default=True,
+              help="Comma-separated policy names, or all.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Charge variants their profiled memory at this batch size.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one object per policy.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: miss rate and accuracy per policy, memory over time.")
+@_errors
+def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, policies, device,
+                 backend, batch, seed, as_json, plot) -> None:
+    """Replay a request trace against every caching policy, from profiles alone.
+
+    Whole-model policies (random, lru, lfu, loadtime, belady, cremebrulee) cache
+    each model's most accurate variant; infaas picks the loaded or fastest
+    variant meeting the floor; memadapt downgrades models before it evicts.
+
+    \b
+    Example:
+      memadapt trace synth --models 30 --kind zipf --out t.csv
+      memadapt simulate --store store --trace t.csv --budget 1GiB --floor 0.8 --plot sim.png
+    """
+    from adaptive.catalog import map_population
+    from adaptive.policies import list_policies
+    from adaptive.simulate import compare
+    from adaptive.traces import read_budget, read_requests
+
+    if (budget is None) == (budget_trace is None):
+        raise click.UsageError("give exactly one of --budget and --budget-trace")
+    if not store and not profiles:
+        raise click.UsageError("give --store (profiled with `memadapt profile`) or --profiles")
+    names = list_policies() if policies == "all" else [p.strip() for p in policies.split(",")]
+    bad = sorted(set(names) - set(list_policies()))
+    if bad:
+        raise click.BadParameter(f"unknown policies {bad}; known: {', '.join(list_policies())}",
+                                 param_hint="--policies")
+    trace = read_requests(trace_path)
+    families = _load_demands(store, profiles, device, backend, batch, dict(floors))
+    demands = map_population(families, list(trace.models))
+    b = read_budget(budget_trace) if budget_trace else budget
+    with _Progress(not as_json) as bar:
+        results = {}
+        for i, p in enumerate(names):
+            bar(f"simulating {p}", i, len(names))
+            results.update(compare(trace, demands, [p], b, seed=seed))
+    if plot:
+        from adaptive.report import plot_simulation
+
+        plot_simulation(results, plot, title=f"{trace_path}: {len(trace):,} requests, "
+                                             f"{len(demands)} models")
+    if as_json:
+        click.echo(json.dumps([r.to_dict() | {"memory_series": None} for r in results.values()],
+                              indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{len(trace):,} requests, {len(demands)} models, budget "
+                    f"{_fmt_bytes(budget) if budget is not None else budget_trace}")
+    for col in ("policy", "miss rate", "mean lat", "p99 lat", "load/exec", "accuracy",
+                "floor viol.", "swaps", "rejected"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results.values():
+        t.add_row(r.policy, f"{r.miss_rate:.4f}", f"{r.mean_latency_s * 1e3:.1f} ms",
+                  f"{r.p99_latency_s * 1e3:.1f} ms", f"{r.load_delay_over_exec:.2f}",
+                  f"{r.mean_accuracy:.3f}", str(r.floor_violations), str(r.swaps),
+                  str(r.rejected))
+    _console().print(t)
+    if plot:
+        click.echo(f"plot written to {plot}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,10 @@ multiple-choice knapsack problem (MCKP). How it is solved:
 * Per model, dominated candidates (more memory, no more value) are dropped and the upper
   convex hull of (memory, key) is built; "not resident" is the point (0, 0).
 * The fast path is the classic MCKP greedy: start with nothing resident, repeatedly take
-  the hull upgrade with the best key per byte that fits, then spend the leftover bytes on
-  the single best fitting upgrade (any undominated candidate) until nothing fits.
+  the hull upgrade with the best key per byte that fits. Two repairs follow: the first few
+  upgrades that did not fit are each tried anyway, giving back the least efficient
+  upgrades taken before them, and every plan spends its leftover bytes on the best single
+  fitting upgrade (any undominated candidate) until nothing fits; the best plan wins.
 * The exact path takes the greedy plan as incumbent, computes the LP relaxation's
   multiplier (the efficiency of the first upgrade that did not fit), removes every
   candidate whose Lagrangian reduced cost exceeds the LP-incumbent gap (usually almost
@@ -58,6 +60,8 @@ DEFAULT_NODE_LIMIT = 50_000
 # accuracies like 0.75) exact, so their ties stay ties.
 _ACC_BITS = 40
 _HIT_BITS = 30
+# How many blocked upgrades the heuristic tries to force in (see _greedy).
+_EXCHANGES = 3
 
 
 @dataclass(frozen=True)
@@ -221,8 +225,7 @@ def select(demands: Sequence[ModelDemand], budget_bytes: int, *, objective: str 
     if exact:
         pos, proven = _solve_exact(models, steps, budget, node_limit)
     else:
-        pos, free, split = _greedy(models, steps, budget)
-        _fixup(models, pos, free)
+        pos, _, split = _greedy(models, steps, budget)
         proven = split is None  # every model got its best option: optimal
     return _make_plan(demands, models, pos, budget, objective, proven)
 
@@ -302,12 +305,12 @@ def _pow2_scale(total: float, bits: int) -> float:
 
 def _prepare(demands: list[ModelDemand], objective: str,
              resident: Mapping[str, str | None] | None,
-             ) -> tuple[list[_Options], list[tuple[float, int, int, int]]]:
+             ) -> tuple[list[_Options], list[tuple[float, int, int, int, int]]]:
     """Integer keys per eligible candidate, dominance filter and convex hull per model.
 
     Models are ordered by name so the result does not depend on the order of ``demands``.
     Also returns every model's hull upgrades as (-key per byte, model, from option, to
-    option), sorted: the order in which the greedy considers them. This runs on every call
+    option, bytes), sorted: the order in which the greedy considers them. This runs on every call
     of the fast path, hence the hand-inlined loops.
     """
     n = len(demands)
@@ -326,7 +329,7 @@ def _prepare(demands: list[ModelDemand], objective: str,
     tie = n + 1 if resident is not None else 1
 
     models: list[_Options] = []
-    steps: list[tuple[float, int, int, int]] = []
+    steps: list[tuple[float, int, int, int, int]] = []
     inf = math.inf
     for i in sorted(range(n), key=lambda i: demands[i].model):
         d = demands[i]
@@ -379,39 +382,68 @@ def _prepare(demands: list[ModelDemand], objective: str,
                 slope = (key - top_k) / (mem - top_m)
             top_s, top_m, top_k = slope, mem, key
             stack.append((slope, mem, key, idx))
-        prev = 0
-        for slope, _, _, idx in stack[1:]:
-            steps.append((-slope, mi, prev, idx))
-            prev = idx
+        prev, prev_mem = 0, first[0]
+        for slope, mem, _, idx in stack[1:]:
+            steps.append((-slope, mi, prev, idx, mem - prev_mem))
+            prev, prev_mem = idx, mem
         models.append(_Options(i, [p[0] for p in kept_points], [-p[1] for p in kept_points],
                                [p[3] for p in kept_points]))
     steps.sort()
     return models, steps
 
 
-def _greedy(models: list[_Options], steps: list[tuple[float, int, int, int]], budget: int,
+def _greedy(models: list[_Options], steps: list[tuple[float, int, int, int, int]], budget: int,
             ) -> tuple[list[int], int, tuple[int, int] | None]:
-    """The MCKP greedy: hull upgrades by decreasing key per byte, each taken if it fits.
+    """The MCKP greedy, then repairs; returns option index per model, free bytes and the LP
+    relaxation's split item.
 
-    An upgrade that does not fit blocks its model's later upgrades. Returns the option
-    index per model, the free bytes and the first upgrade that did not fit as
-    (delta key, delta bytes): the LP relaxation's split item, whose efficiency is the
-    optimal LP multiplier.
+    The greedy takes hull upgrades by decreasing key per byte, each if it fits; one that
+    does not fit blocks its model's later upgrades. The first that does not fit is the LP
+    split item (its efficiency is the optimal LP multiplier), returned as (delta key,
+    delta bytes). The greedy alone can be far off when a valuable large upgrade is blocked
+    by many small ones taken before it, so for each of the first :data:`_EXCHANGES`
+    blocked upgrades an alternative takes it anyway and gives back the least efficient
+    upgrades taken before it until the plan fits. Every candidate plan then spends its
+    leftover bytes (:func:`_fixup`); the best one wins (the plain greedy on ties).
     """
     pos = [0] * len(models)
     free = budget
     split = None
-    for _, mi, a, b in steps:
+    taken = []  # the steps taken, in order
+    blocked = []  # (steps taken before, model, to, bytes, positions, free) when blocked
+    for step in steps:
+        _, mi, a, b, dm = step
         if pos[mi] != a:
             continue  # an earlier upgrade of this model did not fit
-        m = models[mi]
-        dm = m.mems[b] - m.mems[a]
         if dm > free:
             if split is None:
-                split = (m.keys[b] - m.keys[a], dm)
+                split = (models[mi].keys[b] - models[mi].keys[a], dm)
+            if len(blocked) < _EXCHANGES:
+                blocked.append((len(taken), mi, b, dm, list(pos), free))
+            elif free == 0:
+                break  # nothing else can fit
             continue
         free -= dm
         pos[mi] = b
+        taken.append(step)
+    free = _fixup(models, pos, free)
+    best_key = sum(m.keys[p] for m, p in zip(models, pos))
+    for count, mi, b, dm, alt, alt_free in blocked:
+        alt[mi] = b
+        alt_free -= dm
+        for t in range(count - 1, -1, -1):
+            if alt_free >= 0:
+                break
+            _, ti, ta, tb, tdm = taken[t]
+            if ti != mi and alt[ti] == tb:
+                alt[ti] = ta
+                alt_free += tdm
+        if alt_free < 0:
+            continue  # cannot fit even alone
+        alt_free = _fixup(models, alt, alt_free)
+        key = sum(m.keys[p] for m, p in zip(models, alt))
+        if key > best_key or (key == best_key and alt_free > free):
+            best_key, pos, free = key, alt, alt_free
     return pos, free, split
 
 
@@ -441,11 +473,13 @@ def _fixup(models: list[_Options], pos: list[int], free: int) -> int:
         m = models[mi]
         free -= m.mems[j] - m.mems[pos[mi]]
         pos[mi] = j
+        if j + 1 == len(m.mems):
+            still_open.remove(mi)  # at its best option
         open_ = still_open
     return free
 
 
-def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]], budget: int,
+def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int, int]], budget: int,
                  node_limit: int) -> tuple[list[int], bool]:
     """Exact MCKP: greedy incumbent, Lagrangian reduction, bounded Pareto DP.
 
@@ -462,7 +496,6 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int]
     upgrades. Ties in (key, memory) keep the first state generated, a fixed order.
     """
     pos, free, split = _greedy(models, steps, budget)
-    free = _fixup(models, pos, free)
     if split is None:
         return pos, True  # every model got its best option
     inc_key = sum(m.keys[p] for m, p in zip(models, pos))

@@ -1,0 +1,133 @@
+"""From the profiler's catalog to selection inputs (``ModelDemand`` per model).
+
+This is where measured profiles become the numbers the selector, the cache
+and the simulator plan with. Importing it stays light: the profiler's query
+API reads SQLite and imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from adaptive.errors import AdaptiveError
+from adaptive.select import Candidate, ModelDemand
+
+log = logging.getLogger(__name__)
+
+
+def quality(profile: Any) -> float | None:
+    """The accuracy a floor is compared with: labelled accuracy when measured, else the
+    variant's fidelity to its base model (1.0 for the base itself)."""
+    acc = getattr(profile, "accuracy", None)
+    if acc is not None:
+        return float(acc)
+    fid = getattr(profile, "fidelity", None)
+    return None if fid is None else float(fid)
+
+
+def candidates_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
+                            batch: int = 8) -> dict[str, list[Candidate]]:
+    """Each model's (``manifest.base``) candidates: memory at ``batch``, latency p50 at batch 1
+    (or the smallest profiled), cold load time and quality, for one device and backend."""
+    import profiler
+
+    profiles = profiler.load_profiles(store, device=device, backend=backend)
+    out: dict[str, list[Candidate]] = {}
+    skipped = []
+    for p in profiles:
+        q = quality(p)
+        mem = p.memory_at(batch)
+        ok = [b for b in p.batches if b.status == "ok"]
+        if q is None or mem is None or not ok:
+            skipped.append(p.name)
+            continue
+        lat = min(ok, key=lambda b: b.batch)
+        per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
+        out.setdefault(p.base, []).append(
+            Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
+                      float(p.load_cold_s or 0.0)))
+    if skipped:
+        log.warning("no complete profile (memory, latency, accuracy/fidelity) for %s on %s; "
+                    "they are not candidates", ", ".join(sorted(skipped)), device)
+    if not out:
+        raise AdaptiveError(f"the catalog of {getattr(store, 'root', store)} has no complete "
+                            f"profiles for device {device!r} and backend {backend!r}; run "
+                            f"`memadapt profile STORE --device {device}` first")
+    return {m: sorted(cs, key=lambda c: (c.memory_bytes, c.variant)) for m, cs in out.items()}
+
+
+def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
+                         batch: int = 8, floors: Mapping[str, float] | None = None,
+                         default_floor: float = 0.0,
+                         rates: Mapping[str, float] | None = None) -> list[ModelDemand]:
+    """One :class:`ModelDemand` per profiled model, with floors and rates applied."""
+    cands = candidates_from_catalog(store, device=device, backend=backend, batch=batch)
+    floors, rates = dict(floors or {}), dict(rates or {})
+    unknown = sorted((set(floors) | set(rates)) - set(cands))
+    if unknown:
+        raise AdaptiveError(f"floors/rates name models {unknown} that have no profiles; "
+                            f"profiled models: {', '.join(sorted(cands))}")
+    return [ModelDemand(m, cs, floor=floors.get(m, default_floor), rate=rates.get(m, 1.0))
+            for m, cs in sorted(cands.items())]
+
+
+def map_population(families: Sequence[ModelDemand], names: Sequence[str]) -> list[ModelDemand]:
+    """Give each requested model name a profiled family: itself when profiled, else the
+    families round-robin in order of first appearance (a population of N models from a few
+    measured families, each with its own name)."""
+    from dataclasses import replace
+
+    by_name = {d.model: d for d in families}
+    if not families:
+        raise AdaptiveError("no profiled families to build a population from")
+    out, k = [], 0
+    for n in names:
+        if n in by_name:
+            out.append(by_name[n])
+        else:
+            out.append(replace(families[k % len(families)], model=n))
+            k += 1
+    return out
+
+
+def demands_to_json(demands: Sequence[ModelDemand]) -> dict[str, Any]:
+    """A JSON-ready document of per-model candidates (the ``--profiles`` file format)."""
+    return {"version": 1, "families": [
+        {"model": d.model, "floor": d.floor, "rate": d.rate,
+         "candidates": [{"variant": c.variant, "memory_bytes": c.memory_bytes,
+                         "accuracy": c.accuracy, "latency_s": c.latency_s, "load_s": c.load_s}
+                        for c in d.candidates]} for d in demands]}
+
+
+def demands_from_json(path) -> list[ModelDemand]:
+    """Read :func:`demands_to_json`'s format (also a bare list of families)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdaptiveError(f"cannot read profiles from {str(path)!r}: {e}") from None
+    fams = data["families"] if isinstance(data, dict) else data
+    out = []
+    try:
+        for f in fams:
+            cands = []
+            for c in f["candidates"]:
+                if isinstance(c, dict):
+                    cands.append(Candidate(c["variant"], int(c["memory_bytes"]),
+                                           float(c["accuracy"]), float(c.get("latency_s", 0.0)),
+                                           float(c.get("load_s", 0.0))))
+                else:
+                    cands.append(Candidate(c[0], int(c[1]), float(c[2]), float(c[3]),
+                                           float(c[4])))
+            out.append(ModelDemand(f["model"], cands, floor=float(f.get("floor", 0.0)),
+                                   rate=float(f.get("rate", 1.0))))
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise AdaptiveError(f"{str(path)!r} is not a profiles file ({type(e).__name__}: {e}); "
+                            f"expected {{'families': [{{'model', 'floor', 'candidates': "
+                            f"[{{'variant', 'memory_bytes', 'accuracy', 'latency_s', "
+                            f"'load_s'}}]}}]}}") from None
+    return out
