@@ -9,8 +9,8 @@ chosen memory fits a budget and a documented utility is maximal. That is the
 multiple-choice knapsack problem (MCKP). How it is solved:
 
 * Objectives become exact integer *keys* per candidate (values quantized to a power-of-two
-  grid, 2**-40 of the total), so ties are real ties and tie-break levels (keep the
-  resident variant) can be stacked below the utility without ever changing it.
+  grid, about 2**-48 of n_models * max(rate)), so ties are real ties and tie-break levels
+  (keep the resident variant) can be stacked below the utility without ever changing it.
 * Per model, dominated candidates (more memory, no more value) are dropped and the upper
   convex hull of (memory, key) is built; "not resident" is the point (0, 0).
 * The fast path is the classic MCKP greedy: start with nothing resident, repeatedly take
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,14 +52,14 @@ OBJECTIVES = ("accuracy", "misses")
 #: models) are solved exactly; larger ones take the fast greedy path.
 AUTO_EXACT_MAX_OPTIONS = 5000
 #: Default work limit of the exact path, in dynamic-programming states generated (about
-#: 2-3 us each). Realistic 100 x 10 instances need at most ~15k; degenerate ones (many
+#: 1-2 us each). Realistic 100 x 10 instances need well under 1k; degenerate ones (many
 #: identical models whose variants lie on one line) can need millions.
 DEFAULT_NODE_LIMIT = 50_000
 
-# Quantization grids: a value becomes round(value * 2**k) with k chosen so that the sum of
-# the best values is < 2**bits. Power-of-two scales keep dyadic inputs (integer rates,
-# accuracies like 0.75) exact, so their ties stay ties.
-_ACC_BITS = 40
+# Quantization grids: a value becomes round(value * 2**k) with k chosen so that
+# n_models * max(rate) < 2**bits / 2**k, which bounds any sum of values. Power-of-two scales
+# keep dyadic inputs (integer rates, accuracies like 0.75) exact, so their ties stay ties.
+_ACC_BITS = 48
 _HIT_BITS = 30
 # How many blocked upgrades the heuristic tries to force in (see _greedy).
 _EXCHANGES = 3
@@ -83,6 +84,10 @@ class Candidate:
         if not (math.isfinite(self.accuracy) and 0.0 <= self.accuracy <= 1.0):
             raise ValueError(f"Candidate {self.variant!r}: accuracy must be in [0, 1], "
                              f"got {self.accuracy!r}")
+        # Plain Python numbers: numpy scalars would make the solver's exact integer
+        # arithmetic overflow silently.
+        object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
+        object.__setattr__(self, "accuracy", float(self.accuracy))
         for name in ("latency_s", "load_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -106,6 +111,8 @@ class ModelDemand:
             raise ValueError(f"model {self.model!r}: floor must be in [0, 1], got {self.floor!r}")
         if not (math.isfinite(self.rate) and self.rate >= 0):
             raise ValueError(f"model {self.model!r}: rate must be >= 0, got {self.rate!r}")
+        object.__setattr__(self, "floor", float(self.floor))
+        object.__setattr__(self, "rate", float(self.rate))
         names = [c.variant for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.model!r}: duplicate candidate variants in {names}")
@@ -194,14 +201,16 @@ def select(demands: Sequence[ModelDemand], budget_bytes: int, *, objective: str 
       resident models, the expected number of correct answers served from memory.
     * ``"misses"``: lexicographic. First maximize ``served_rate = sum(rate_m)`` over
       resident models (requests served without a cold load); among plans with the
-      greatest served rate, maximize ``utility`` as above. Rates are compared on a grid of
-      2**-30 of the total rate, so only differences smaller than that count as ties.
+      greatest served rate, maximize ``utility`` as above. Rates are compared on a
+      power-of-two grid of about 2**-30 of ``n_models * max(rate)``: smaller differences
+      count as ties.
 
     Ties (equal objective) are broken deterministically and independently of the order of
-    ``demands``: first, when ``resident`` (model -> variant currently held, absent or None
-    meaning not resident) is given, by the fewest models whose residency changes; then by
-    the least total memory; then by a fixed order over model and variant names. These
-    levels sit strictly below the objective, so they never trade utility for fewer swaps.
+    ``demands`` or candidates: first, when ``resident`` (model -> variant currently held,
+    absent or None meaning not resident) is given, by the fewest models whose residency
+    changes; then by the least total memory; then by a fixed order derived from the data
+    and the model and variant names. These levels sit strictly below the objective, so
+    they never trade utility for fewer swaps.
 
     ``exact=True`` solves exactly (see the module docstring); ``exact=False`` uses the
     greedy, which is never infeasible and typically within a fraction of a percent;
@@ -233,7 +242,7 @@ def select(demands: Sequence[ModelDemand], budget_bytes: int, *, objective: str 
 # --- validation -------------------------------------------------------------------------
 
 def _check_budget(budget_bytes: object) -> int:
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)):
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real):
         raise TypeError(f"budget_bytes must be a number of bytes, got {budget_bytes!r}; "
                         f"convert text such as '8GiB' with adaptive.parse_size")
     if not math.isfinite(budget_bytes) or int(budget_bytes) != budget_bytes:
@@ -296,11 +305,10 @@ class _Options:
         self.cands = cands
 
 
-def _pow2_scale(total: float, bits: int) -> float:
-    """A power of two s with total * s < 2**bits."""
-    if not (total > 0 and math.isfinite(total)):
-        return 1.0
-    return math.ldexp(1.0, bits - math.frexp(total)[1])
+def _pow2_scale(exponent: int, bits: int) -> float:
+    """A power of two s with x * s < 2**bits for every x < 2**exponent (clamped so that
+    absurd rates such as 1e-320 or 1e300 neither overflow nor underflow)."""
+    return math.ldexp(1.0, max(-1000, min(1000, bits - exponent)))
 
 
 def _prepare(demands: list[ModelDemand], objective: str,
@@ -314,12 +322,13 @@ def _prepare(demands: list[ModelDemand], objective: str,
     of the fast path, hence the hand-inlined loops.
     """
     n = len(demands)
-    # Scales from the total rate (accuracy <= 1), an upper bound of the best total value;
-    # fsum is exact, so the scale does not depend on the order of the demands.
-    rate_total = math.fsum(d.rate for d in demands)
-    acc_scale = _pow2_scale(rate_total, _ACC_BITS)
+    # Any sum of values is <= n * max(rate) < 2**exponent (accuracy <= 1). The maximum, unlike
+    # a float sum, neither overflows nor depends on the order of the demands.
+    rate_max = max((d.rate for d in demands), default=0.0)
+    exponent = math.frexp(rate_max)[1] + n.bit_length()
+    acc_scale = _pow2_scale(exponent, _ACC_BITS)
     if objective == "misses":
-        hit_scale = _pow2_scale(rate_total, _HIT_BITS)
+        hit_scale = _pow2_scale(exponent, _HIT_BITS)
         hit_weight = 2**_ACC_BITS + n + 1  # > any sum of accuracy keys, rounding included
     else:
         hit_scale = 0.0
@@ -331,7 +340,7 @@ def _prepare(demands: list[ModelDemand], objective: str,
     models: list[_Options] = []
     steps: list[tuple[float, int, int, int, int]] = []
     inf = math.inf
-    for i in sorted(range(n), key=lambda i: demands[i].model):
+    for i in sorted(range(n), key=[d.model for d in demands].__getitem__):
         d = demands[i]
         rate = d.rate
         floor = d.floor
@@ -388,7 +397,9 @@ def _prepare(demands: list[ModelDemand], objective: str,
             prev, prev_mem = idx, mem
         models.append(_Options(i, [p[0] for p in kept_points], [-p[1] for p in kept_points],
                                [p[3] for p in kept_points]))
-    steps.sort()
+    # Sorting on the float alone hits CPython's fast float comparison; the sort is stable,
+    # so ties stay in model (name) order and, within a model, in hull order.
+    steps.sort(key=itemgetter(0))
     return models, steps
 
 
@@ -493,7 +504,8 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int,
     only its Pareto frontier is kept, and a state is dropped when its key plus the LP
     relaxation of the models left (exact integer arithmetic) cannot reach the best plan
     known, which improves as states complete to feasible plans with the LP's whole
-    upgrades. Ties in (key, memory) keep the first state generated, a fixed order.
+    upgrades. Ties in (key, memory) keep the state that spends more memory on the models
+    decided first (models are ordered by key range, then name): a fixed order.
     """
     pos, free, split = _greedy(models, steps, budget)
     if split is None:
@@ -543,7 +555,9 @@ def _solve_exact(models: list[_Options], steps: list[tuple[float, int, int, int,
         last = len(cum_mem) - 1
         opts = [(m.mems[j], m.keys[j], j) for j in keep]
         grown = []
-        for smem, skey, path in states:
+        # Largest-memory states first: of two tied (memory, key) states the first one
+        # generated is kept, so ties favour memory spent on the models decided earlier.
+        for smem, skey, path in reversed(states):
             if nodes + len(grown) > node_limit:
                 break
             for omem, okey, j in opts:
@@ -663,15 +677,26 @@ def _suffix_lps(models: list[_Options], dp: list[tuple[int, list[int]]],
 
 def _make_plan(demands: list[ModelDemand], models: list[_Options], pos: list[int], budget: int,
                objective: str, exact: bool) -> Plan:
-    chosen: dict[int, Candidate | None] = {m.demand_index: m.cands[p] for m, p in zip(models, pos)}
-    details = {d.model: chosen[i] for i, d in enumerate(demands)}
-    choice = {name: (c.variant if c is not None else None) for name, c in details.items()}
-    resident = [(d, details[d.model]) for d in demands if details[d.model] is not None]
-    memory = sum(c.memory_bytes for _, c in resident)
-    # fsum: the same plan reports the same figures whatever the order of the demands.
-    utility = math.fsum(d.rate * c.accuracy for d, c in resident)
-    served = math.fsum(d.rate for d, _ in resident)
+    chosen: list[Candidate | None] = [None] * len(demands)
+    for m, p in zip(models, pos):
+        chosen[m.demand_index] = m.cands[p]
+    details: dict[str, Candidate | None] = {}
+    choice: dict[str, str | None] = {}
+    memory = 0
+    values = []
+    rates = []
+    for d, c in zip(demands, chosen):
+        details[d.model] = c
+        if c is None:
+            choice[d.model] = None
+        else:
+            choice[d.model] = c.variant
+            memory += c.memory_bytes
+            values.append(d.rate * c.accuracy)
+            rates.append(d.rate)
     if memory > budget:  # pragma: no cover - guarded by construction
         raise AssertionError(f"selection exceeded the budget: {memory} > {budget}")
-    return Plan(choice=choice, memory_bytes=memory, utility=utility, budget_bytes=budget,
-                exact=exact, details=details, objective=objective, served_rate=served)
+    # fsum: the same plan reports the same figures whatever the order of the demands.
+    return Plan(choice=choice, memory_bytes=memory, utility=math.fsum(values),
+                budget_bytes=budget, exact=exact, details=details, objective=objective,
+                served_rate=math.fsum(rates))

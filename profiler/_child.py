@@ -115,7 +115,7 @@ def measure(req: dict[str, Any], result: dict[str, Any]) -> None:
 
     result["phase"] = "warm load"
     session.close()
-    del session
+    session = None  # the warm load must not share the first session's memory
     gc.collect()
     t2, warm = _warm_load(req, inputs, threads, open_onnx)
     result["load_warm_s"] = warm - t2

@@ -195,7 +195,8 @@ def load_profiles(store: Store | str | Path, device: str = "cpu",
 
 def _batch_profile(r) -> BatchProfile:
     names = BatchProfile.__dataclass_fields__
-    return BatchProfile(**{k: r[k] for k in r.keys() if k in names})
+    # sqlite3.Row iterates over values, not keys
+    return BatchProfile(**{k: r[k] for k in r.keys() if k in names})  # noqa: SIM118
 
 
 def _pick_accuracy(rows: list, eval_set: str | None):

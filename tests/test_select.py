@@ -29,7 +29,7 @@ from adaptive import (
 from adaptive.select import check_feasible, smallest_eligible
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -5,6 +5,8 @@ Public API: specs (``Prune``, ``EarlyExit``, ``Quantize``), the family registry
 ``open_session``. Importing this package does not import torch.
 """
 
+from variants import early_exit as _early_exit  # noqa: F401  (registers exit@k)
+from variants import prune as _prune  # noqa: F401  (registers prune)
 from variants import quantize as _quantize  # noqa: F401  (registers int8/fp16)
 from variants.backends import Session, list_backends, open_onnx, open_session, register_backend
 from variants.errors import (
