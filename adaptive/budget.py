@@ -94,6 +94,7 @@ class BudgetSource(ABC):
         Device-wide sources add them back to the free memory they observe: memory the cache
         holds is memory it may keep. Fixed and callable sources ignore it.
         """
+        return None
 
     @property
     def dynamic(self) -> bool:
@@ -128,7 +129,8 @@ def make_budget_source(name: str, **kwargs: Any) -> BudgetSource:
     """Build the registered source ``name`` with ``kwargs``."""
     cls = _SOURCES.get(name)
     if cls is None:
-        raise BudgetError(f"unknown budget source {name!r}; known: {', '.join(list_budget_sources())}")
+        raise BudgetError(f"unknown budget source {name!r}; known: "
+                          f"{', '.join(list_budget_sources())}")
     return cls(**kwargs)
 
 
@@ -161,7 +163,8 @@ class CallableBudget(BudgetSource):
         self.fn = fn
 
     def __call__(self) -> int:
-        return _coerce_bytes(self.fn(), f"budget function {getattr(self.fn, '__name__', self.fn)!r}")
+        name = getattr(self.fn, "__name__", self.fn)
+        return _coerce_bytes(self.fn(), f"budget function {name!r}")
 
     def __repr__(self) -> str:
         return f"CallableBudget({self.fn!r})"

@@ -1,0 +1,936 @@
+"""The embeddable variant cache: serve ``infer(model, inputs)`` from a memory budget.
+
+:class:`VariantCache` keeps at most one variant of each model resident, charges each the
+memory its profile says it needs at the configured batch size, and follows a changing budget
+by *downgrading* models to smaller variants (never below their accuracy floor) before it
+evicts any, and upgrading them again when memory returns. What to hold is decided by
+:func:`adaptive.select`; this module only moves sessions, safely.
+
+Concurrency model (one owner, one lock):
+
+* ``_lock`` guards every piece of shared state (residency, accounting, counters, rates) and
+  is held only for short bookkeeping, never during a model run or a load.
+* Transitions (loads, swaps, evictions, budget changes) are made by one *planner* at a time,
+  a flag under ``_lock``. Loads therefore happen outside ``_lock``: hits on other models go on
+  while one model loads. Requests for a model that is being loaded wait on one pending load
+  (no thundering herd).
+* Every loaded session carries an in-flight count. A session that leaves residency is
+  *retired*: new requests no longer see it, requests already running on it finish on it, and
+  its memory is released when the last one leaves. Its bytes stay accounted until then.
+* Accounting: ``resident_bytes()`` is the sum of the charges of every session holding memory
+  (resident, draining, or being loaded). It never exceeds ``budget``: a load reserves its
+  charge before it starts and only if it fits, and a budget drop is published only once the
+  shed sessions have drained (``set_budget`` returns then), while new loads are already held
+  to the lower figure.
+* Swaps are make-before-break when the new variant fits beside the old one (load, switch the
+  pointer, retire the old) and break-before-make otherwise (retire the old first, so requests
+  for that model wait for the new one instead of failing).
+
+Clock, loader and budget source are injected, so tests use a fake clock and never sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from adaptive.budget import BudgetSource, as_budget
+from adaptive.errors import AdaptiveError
+from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible, select
+
+__all__ = [
+    "CacheStats", "CandidateSource", "InferResult", "Loader", "ModelStats", "UnknownModelError",
+    "VariantCache", "catalog_candidates", "default_loader",
+]
+
+log = logging.getLogger(__name__)
+
+#: (store, device, backend, max_batch) -> {model: candidates}; see :func:`catalog_candidates`.
+CandidateSource = Callable[[Any, str, str, int], Mapping[str, Sequence[Candidate]]]
+#: (manifest, device, backend, source_bytes or None) -> a session with ``run(inputs)``.
+Loader = Callable[[Any, str, str, "bytes | None"], Any]
+
+_LN2 = math.log(2.0)
+
+
+class UnknownModelError(AdaptiveError, KeyError):
+    """``infer`` named a model the cache does not serve."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One served request: the output and which variant produced it.
+
+    ``cold`` is True when the model was not resident when the request arrived (it waited for
+    a load); ``latency_s`` is the wall time of the whole ``infer`` call, waiting included.
+    """
+
+    output: Any
+    model: str
+    variant: str
+    cold: bool
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's residency and service so far."""
+
+    model: str
+    variant: str | None
+    floor: float
+    accuracy: float | None
+    served_accuracy: float | None
+    requests: int
+    hits: int
+    memory_bytes: int
+    rate: float
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since construction and the state now.
+
+    ``requests = hits + misses + failures``: a hit ran on a resident variant at once, a miss
+    waited for a load first, a failure raised. ``cold_loads`` counts loads that requests
+    triggered (one per load however many requests waited on it), ``prefetches`` loads that
+    re-plans made for models not resident. ``host_bytes`` is the host tier (ONNX bytes kept
+    for fast re-loads), not charged to the budget.
+    """
+
+    requests: int
+    hits: int
+    misses: int
+    failures: int
+    cold_loads: int
+    prefetches: int
+    downgrades: int
+    upgrades: int
+    evictions: int
+    rebalances: int
+    bytes_resident: int
+    budget_bytes: int
+    host_bytes: int
+    models: Mapping[str, ModelStats]
+
+    @property
+    def swaps(self) -> int:
+        """Downgrades plus upgrades."""
+        return self.downgrades + self.upgrades
+
+
+def default_loader(manifest: Any, device: str, backend: str, source_bytes: bytes | None, *,
+                   threads: int | None = None) -> Any:
+    """Open a stored variant with the registered ``backend`` (from bytes when given)."""
+    from variants.backends import _BACKENDS
+
+    return _BACKENDS[backend](manifest, device=device, threads=threads, source=source_bytes)
+
+
+def catalog_candidates(store: Any, device: str, backend: str,
+                       max_batch: int) -> dict[str, list[Candidate]]:
+    """Candidates per model from the profiler's catalog, memory at ``max_batch``.
+
+    The default :data:`CandidateSource`: ``adaptive.catalog.candidates_from_catalog``, which
+    raises an :class:`AdaptiveError` naming ``memadapt profile`` when nothing is profiled.
+    """
+    fix = (f"run `memadapt profile {getattr(store, 'root', store)} --device {device}` first, or "
+           f"pass candidates= to VariantCache")
+    try:
+        from adaptive.catalog import candidates_from_catalog
+    except ImportError as e:
+        raise AdaptiveError(f"no profiles to choose variants with (adaptive.catalog is not "
+                            f"available: {e}); {fix}") from None
+    got = candidates_from_catalog(store, device=device, backend=backend, batch=max_batch)
+    out = {m: list(c) for m, c in got.items() if c}
+    if not out:
+        raise AdaptiveError(f"the catalog of {getattr(store, 'root', store)} has no profiles for "
+                            f"device {device!r}, backend {backend!r}; {fix}")
+    return out
+
+
+class _Entry:
+    """One loaded session of one variant; ``inflight`` requests are running on it."""
+
+    __slots__ = ("model", "cand", "session", "charge", "inflight", "retired", "releasing")
+
+    def __init__(self, model: str, cand: Candidate, session: Any):
+        self.model = model
+        self.cand = cand
+        self.session = session
+        self.charge = int(cand.memory_bytes)
+        self.inflight = 0
+        self.retired = False
+        self.releasing = False
+
+
+class _Pending:
+    """A load some request asked for; other requests for the model wait on it."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class _Model:
+    """Per-model state, all guarded by the cache's lock."""
+
+    __slots__ = ("name", "cands", "by_variant", "floor", "current", "pending", "count", "last",
+                 "requests", "hits", "served", "acc_sum")
+
+    def __init__(self, name: str, cands: Sequence[Candidate], floor: float):
+        self.name = name
+        self.cands = tuple(cands)
+        self.by_variant = {c.variant: c for c in self.cands}
+        self.floor = floor
+        self.current: _Entry | None = None
+        self.pending: _Pending | None = None
+        self.count = 0.0  # exponentially decayed request count
+        self.last: float | None = None
+        self.requests = 0
+        self.hits = 0
+        self.served = 0
+        self.acc_sum = 0.0
+
+    def seen(self, t: float, halflife: float) -> None:
+        if self.last is None:
+            self.count = 1.0
+        else:
+            self.count = self.count * 2.0 ** (-max(0.0, t - self.last) / halflife) + 1.0
+        self.last = t
+
+    def rate(self, t: float, halflife: float) -> float:
+        """Requests per second: the decayed count over the decay's mean lifetime."""
+        if self.last is None:
+            return 0.0
+        return self.count * 2.0 ** (-max(0.0, t - self.last) / halflife) * _LN2 / halflife
+
+    def demand(self, rate: float, cands: Sequence[Candidate] | None = None) -> ModelDemand:
+        return ModelDemand(self.name, self.cands if cands is None else cands, self.floor, rate)
+
+
+class VariantCache:
+    """Serve many models from one memory budget, each as the best variant that fits.
+
+    ``store`` is a :class:`variants.Store` (or its path); its models are the manifests' bases.
+    Candidates per model come from ``candidates`` (model -> :class:`Candidate` list naming
+    stored variants) or from ``profiles`` (a :data:`CandidateSource`; by default the
+    profiler's catalog via :func:`catalog_candidates`). Each resident variant is charged its
+    candidate's ``memory_bytes``, the profile at ``max_batch``; ``infer`` refuses larger
+    batches. ``floors`` maps models to accuracy floors (default 0).
+
+    ``budget`` is bytes, a size string, a source name (``"cgroup"``, ``"cuda-free"``), a
+    function or a :class:`BudgetSource`; by default free CUDA memory on ``cuda`` devices and
+    the cgroup limit on ``cpu``. ``objective`` is :func:`adaptive.select`'s. Rates are EWMAs
+    of observed requests (half-life ``ewma_halflife_s`` on ``clock``). ``rebalance()``
+    re-plans; the background thread (``start()``, or use the cache as a context manager)
+    polls the budget source every ``budget_poll_s`` and re-plans every
+    ``rebalance_interval_s`` (never when None). A re-plan gaining less than ``hysteresis``
+    times the current utility is skipped unless the current residency exceeds the budget.
+
+    ``loader(manifest, device, backend, source_bytes)`` opens sessions (default:
+    :func:`default_loader` with ``threads``); ``keep_host_bytes`` keeps each loaded
+    variant's ONNX bytes in host memory so a re-load skips the disk. ``verify`` checks every
+    candidate's files against their sha256 once, here, instead of at every load. ``audit``
+    (for tests and monitors) is called under the lock with ``(resident_bytes, budget_bytes)``
+    after every change of either and after every request.
+    """
+
+    def __init__(self, store: Any, *, device: str = "cpu", backend: str = "onnxruntime",
+                 budget: Any = None, floors: Mapping[str, float] | None = None,
+                 candidates: Mapping[str, Sequence[Candidate]] | None = None,
+                 profiles: CandidateSource | None = None, max_batch: int = 8,
+                 loader: Loader | None = None, clock: Callable[[], float] = time.monotonic,
+                 rebalance_interval_s: float | None = None, budget_poll_s: float = 1.0,
+                 hysteresis: float = 0.1, ewma_halflife_s: float = 30.0,
+                 objective: str = "misses", threads: int | None = None,
+                 keep_host_bytes: bool = False, verify: bool = True,
+                 audit: Callable[[int, int], None] | None = None):
+        from variants.backends import list_backends, parse_device
+        from variants.store import Store
+
+        if objective not in OBJECTIVES:
+            raise AdaptiveError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        if backend not in list_backends():
+            raise AdaptiveError(f"unknown backend {backend!r}; known: {', '.join(list_backends())}")
+        parse_device(device)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise AdaptiveError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        for name, v in (("ewma_halflife_s", ewma_halflife_s), ("budget_poll_s", budget_poll_s)):
+            if not (isinstance(v, (int, float)) and v > 0):
+                raise AdaptiveError(f"{name} must be > 0 seconds, got {v!r}")
+        if rebalance_interval_s is not None and not rebalance_interval_s > 0:
+            raise AdaptiveError(f"rebalance_interval_s must be > 0 seconds or None, got "
+                                f"{rebalance_interval_s!r}")
+        if not (isinstance(hysteresis, (int, float)) and hysteresis >= 0):
+            raise AdaptiveError(f"hysteresis must be >= 0 (a fraction of the current utility), "
+                                f"got {hysteresis!r}")
+        if keep_host_bytes and backend != "onnxruntime":
+            raise AdaptiveError(f"keep_host_bytes needs the onnxruntime backend (it re-opens "
+                                f"sessions from ONNX bytes), not {backend!r}")
+
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.device = device
+        self.backend = backend
+        self.max_batch = max_batch
+        self.objective = objective
+        self.hysteresis = float(hysteresis)
+        self.rebalance_interval_s = rebalance_interval_s
+        self.budget_poll_s = float(budget_poll_s)
+        self._halflife = float(ewma_halflife_s)
+        self._clock = clock
+        self._keep_host = keep_host_bytes
+        self._audit = audit
+        if loader is None:
+            def loader(manifest, device, backend, source_bytes, _threads=threads):
+                return default_loader(manifest, device, backend, source_bytes, threads=_threads)
+        self._loader = loader
+
+        if candidates is None:
+            candidates = (profiles or catalog_candidates)(self.store, device, backend, max_batch)
+        self._models: dict[str, _Model] = {}
+        self._manifests: dict[str, Any] = {}
+        self._build_models(candidates, dict(floors or {}), verify)
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._planning = False
+        self._closed = False
+        self._charged = 0  # bytes of every session holding memory, reservations included
+        self._draining = 0  # of which: retired sessions still running requests
+        self._host: dict[str, bytes] = {}
+        self._counts = dict.fromkeys(
+            ("requests", "hits", "misses", "failures", "cold_loads", "prefetches",
+             "downgrades", "upgrades", "evictions", "rebalances"), 0)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+        self._source = self._default_source() if budget is None else as_budget(budget)
+        self._source.attach(self.resident_bytes)
+        value = int(self._source())
+        self._budget = value  # in force: resident bytes never exceed it
+        self._limit = value  # target: what new loads are held to (lower while shedding)
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build_models(self, candidates: Mapping[str, Sequence[Candidate]],
+                      floors: dict[str, float], verify: bool) -> None:
+        stored = set(self.store.names())
+        for model, cands in sorted(candidates.items()):
+            cands = list(cands)
+            if not cands:
+                raise AdaptiveError(f"model {model!r} has no candidate variants")
+            for c in cands:
+                if not isinstance(c, Candidate):
+                    raise AdaptiveError(f"model {model!r}: candidates must be adaptive.Candidate, "
+                                        f"got {c!r}")
+                if c.variant not in stored:
+                    raise AdaptiveError(f"model {model!r}: candidate {c.variant!r} is not in the "
+                                        f"store {self.store.root}; stored: "
+                                        f"{', '.join(sorted(stored)) or 'none'}")
+                manifest = self.store.verify(c.variant) if verify else self.store.get(c.variant)
+                if manifest.base != model:
+                    raise AdaptiveError(f"candidate {c.variant!r} belongs to model "
+                                        f"{manifest.base!r}, not {model!r}; list it under its base")
+                self._manifests[c.variant] = manifest
+            floor = floors.pop(model, 0.0)
+            try:
+                self._models[model] = _Model(model, cands, float(floor))
+                self._models[model].demand(0.0)  # validates floor and duplicate variants
+            except ValueError as e:
+                raise AdaptiveError(str(e)) from None
+            if not any(c.accuracy >= floor for c in cands):
+                log.warning("model %r: no candidate meets its floor %g; its requests will fail",
+                            model, floor)
+        if floors:
+            raise AdaptiveError(f"floors name unknown models {sorted(floors)}; the cache serves "
+                                f"{sorted(self._models)}")
+        if not self._models:
+            raise AdaptiveError("no models to serve: candidates is empty")
+
+    def _default_source(self) -> BudgetSource:
+        from adaptive.budget import CgroupBudget, CudaFreeBudget
+        from variants.backends import parse_device
+
+        kind, idx = parse_device(self.device)
+        source: BudgetSource = CudaFreeBudget(idx) if kind == "cuda" else CgroupBudget()
+        try:
+            source()
+        except AdaptiveError as e:
+            raise AdaptiveError(f"no budget given and none can be read from the machine ({e}); "
+                                f"pass budget= (bytes, '512MiB', a function or a BudgetSource)") \
+                from None
+        return source
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models this cache serves."""
+        return tuple(self._models)
+
+    @property
+    def budget(self) -> int:
+        """The budget in force, in bytes: resident bytes never exceed it."""
+        with self._lock:
+            return self._budget
+
+    @property
+    def budget_source(self) -> BudgetSource:
+        return self._source
+
+    def resident_bytes(self) -> int:
+        """Accounted bytes: resident sessions, sessions draining and loads in progress."""
+        with self._lock:
+            return self._charged
+
+    def resident(self) -> dict[str, str]:
+        """Models with a resident variant, and that variant."""
+        with self._lock:
+            return {m: st.current.cand.variant for m, st in self._models.items()
+                    if st.current is not None}
+
+    def candidates(self, model: str) -> tuple[Candidate, ...]:
+        """The candidates of ``model`` (raises :class:`UnknownModelError`)."""
+        return self._model(model).cands
+
+    def infer(self, model: str, inputs: Any) -> InferResult:
+        """Run ``inputs`` on the resident variant of ``model``, loading one if needed.
+
+        Thread-safe. Raises :class:`UnknownModelError` for a model not served,
+        :class:`InfeasibleBudget` when no variant meeting the model's floor fits the budget,
+        and whatever the session raises for bad inputs.
+        """
+        t0 = time.perf_counter()
+        st = self._model(model)
+        batch = _batch_size(inputs)
+        if batch is not None and batch > self.max_batch:
+            raise AdaptiveError(f"batch of {batch} for model {model!r} exceeds max_batch="
+                                f"{self.max_batch}, the size memory is charged for; split it "
+                                f"or build the cache with a larger max_batch")
+        with self._lock:
+            if self._closed:
+                raise AdaptiveError("the VariantCache is closed")
+            self._counts["requests"] += 1
+            st.requests += 1
+            st.seen(self._clock(), self._halflife)
+            entry = st.current
+            if entry is not None:
+                entry.inflight += 1
+        cold = entry is None
+        if entry is None:
+            try:
+                entry = self._acquire_cold(st)
+            except BaseException:
+                with self._lock:
+                    self._counts["failures"] += 1
+                raise
+        try:
+            output = entry.session.run(inputs)
+        except BaseException:
+            self._leave(entry, st, None)
+            raise
+        self._leave(entry, st, cold)
+        return InferResult(output, model, entry.cand.variant, cold, time.perf_counter() - t0)
+
+    def set_budget(self, budget: Any) -> None:
+        """Install a new budget (bytes, size string, function or source) and follow it now.
+
+        Returns once the cache fits: on a drop, after the shed sessions have drained.
+        """
+        source = as_budget(budget)
+        source.attach(self.resident_bytes)
+        value = int(source())
+        with self._planner():
+            self._source = source
+            self._apply_budget(value)
+
+    def refresh_budget(self) -> bool:
+        """Read the budget source and follow it if it changed; True when it did."""
+        if self._closed:
+            raise AdaptiveError("the VariantCache is closed")
+        try:
+            value = int(self._source())
+        except Exception as e:  # noqa: BLE001 - a flaky source must not stop serving
+            log.warning("budget source %r failed: %s; keeping %d bytes", self._source, e,
+                        self._limit)
+            return False
+        with self._lock:
+            if value == self._limit:
+                return False
+        with self._planner():
+            if value == self._limit:
+                return False
+            self._apply_budget(value)
+        return True
+
+    def rebalance(self, *, force: bool = False) -> bool:
+        """Re-plan with the current request rates and execute the swaps; True if it did.
+
+        Skipped (False) when the plan would gain less than ``hysteresis`` times the current
+        utility, unless ``force`` or the current residency exceeds the budget.
+        """
+        with self._planner():
+            return self._rebalance(force)
+
+    def stats(self) -> CacheStats:
+        """A consistent snapshot of counters and residency."""
+        with self._lock:
+            now = self._clock()
+            models = {}
+            for name, st in self._models.items():
+                e = st.current
+                models[name] = ModelStats(
+                    model=name, variant=e.cand.variant if e else None, floor=st.floor,
+                    accuracy=e.cand.accuracy if e else None,
+                    served_accuracy=st.acc_sum / st.served if st.served else None,
+                    requests=st.requests, hits=st.hits, memory_bytes=e.charge if e else 0,
+                    rate=st.rate(now, self._halflife))
+            return CacheStats(**self._counts, bytes_resident=self._charged,
+                              budget_bytes=self._budget,
+                              host_bytes=sum(len(b) for b in self._host.values()),
+                              models=MappingProxyType(models))
+
+    def start(self) -> VariantCache:
+        """Start the background thread that follows the budget source and re-plans."""
+        with self._lock:
+            if self._closed:
+                raise AdaptiveError("the VariantCache is closed")
+            if self._thread is not None and self._thread.is_alive():
+                return self
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="memadapt-cache",
+                                            daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the background thread and release every session (after in-flight requests)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._planner(closing=True):
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+                self._cond.notify_all()
+            for st in self._models.values():
+                self._retire_current(st)
+            with self._lock:
+                while self._charged > 0:
+                    self._cond.wait()
+                self._host.clear()
+
+    def __enter__(self) -> VariantCache:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"VariantCache({self.store.root}, models={len(self._models)}, "
+                f"device={self.device!r}, budget={self._budget})")
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _model(self, model: str) -> _Model:
+        st = self._models.get(model)
+        if st is None:
+            raise UnknownModelError(f"unknown model {model!r}; this cache serves "
+                                    f"{', '.join(sorted(self._models))}")
+        return st
+
+    def _acquire_cold(self, st: _Model) -> _Entry:
+        """Wait for (or make) a load of ``st``; return its entry with a request checked in."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise AdaptiveError("the VariantCache is closed")
+                entry = st.current
+                if entry is not None:
+                    entry.inflight += 1
+                    return entry
+                p = st.pending
+                if p is not None:  # someone else's load: wait for it or for residency
+                    while st.current is None and not p.done and not self._closed:
+                        self._cond.wait()
+                    if st.current is None and p.done and p.error is not None:
+                        raise p.error
+                    continue
+                p = st.pending = _Pending()
+                if not self._acquire_planner(st):  # became resident meanwhile
+                    self._finish_pending(st, p, None)
+                    continue
+                self._lock.release()
+                err: BaseException | None = None
+                try:
+                    self._admit(st)
+                except BaseException as e:
+                    err = e
+                finally:
+                    self._lock.acquire()
+                    self._planning = False
+                    self._finish_pending(st, p, err)
+                if err is not None:
+                    raise err
+
+    def _finish_pending(self, st: _Model, p: _Pending, err: BaseException | None) -> None:
+        p.done = True
+        p.error = err
+        if st.pending is p:
+            st.pending = None
+        self._cond.notify_all()
+
+    def _leave(self, entry: _Entry, st: _Model, cold: bool | None) -> None:
+        """Check a request out of ``entry``; release the entry if it was its last user."""
+        with self._lock:
+            entry.inflight -= 1
+            if cold is None:
+                self._counts["failures"] += 1
+            else:
+                self._counts["misses" if cold else "hits"] += 1
+                if not cold:
+                    st.hits += 1
+                st.served += 1
+                st.acc_sum += entry.cand.accuracy
+            release = entry.retired and entry.inflight == 0 and not entry.releasing
+            if release:
+                entry.releasing = True
+            if self._audit is not None:
+                self._audit(self._charged, self._budget)
+        if release:
+            self._release(entry)
+
+    # -- planner -------------------------------------------------------------------------------
+
+    def _acquire_planner(self, st: _Model | None = None) -> bool:
+        """Become the planner (lock held). With ``st``, give up (False) once it is resident."""
+        while self._planning:
+            if st is not None and (st.current is not None or self._closed):
+                return False
+            self._cond.wait()
+        if st is not None and (st.current is not None or self._closed):
+            return False
+        self._planning = True
+        return True
+
+    @contextmanager
+    def _planner(self, *, closing: bool = False) -> Iterator[None]:
+        with self._lock:
+            if self._closed and not closing:
+                raise AdaptiveError("the VariantCache is closed")
+            self._acquire_planner()
+            if self._closed and not closing:
+                self._planning = False
+                self._cond.notify_all()
+                raise AdaptiveError("the VariantCache is closed")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._planning = False
+                self._cond.notify_all()
+
+    def _rates(self) -> dict[str, float]:
+        now = self._clock()
+        return {m: st.rate(now, self._halflife) for m, st in self._models.items()}
+
+    def _admit(self, st: _Model) -> None:
+        """Planner held: load ``st`` at the best variant that fits, shrinking others to make
+        room (downgrades before evictions, as the objective allows)."""
+        with self._lock:
+            if st.current is not None:
+                return
+            rates = self._rates()
+            limit = self._limit
+            current = {m: (o.current.cand if o.current else None) for m, o in self._models.items()}
+        rate = max(rates[st.name], 1e-12)
+        check_feasible([st.demand(rate)], limit, [st.name])  # InfeasibleBudget
+        # Others may only keep or shrink what they hold: a cold load is no time for upgrades.
+        others, resident = [], {}
+        for m, o in self._models.items():
+            cur = current[m]
+            if m == st.name or cur is None:
+                continue
+            shrink = [c for c in o.cands if c.memory_bytes <= cur.memory_bytes]
+            others.append(o.demand(rates[m], shrink))
+            resident[m] = cur.variant
+        best = None
+        for c in st.cands:
+            if c.accuracy < st.floor or c.memory_bytes > limit:
+                continue
+            plan = select(others, limit - c.memory_bytes, objective=self.objective,
+                          resident=resident)
+            changes = sum(plan.choice[m] != v for m, v in resident.items())
+            util = plan.utility + rate * c.accuracy
+            key = (round(plan.served_rate, 9), round(util, 12), -changes, -c.memory_bytes) \
+                if self.objective == "misses" else (round(util, 12), -changes, -c.memory_bytes)
+            if best is None or key > best[0]:
+                best = (key, c, plan)
+        assert best is not None  # check_feasible passed
+        _, cand, plan = best
+        moves = [(self._models[m], plan.details[m]) for m in resident
+                 if plan.choice[m] != resident[m]]
+        moves.append((st, cand))
+        log.debug("cold load of %r as %r (moves: %s)", st.name, cand.variant,
+                  [(o.name, c.variant if c else None) for o, c in moves])
+        self._execute(moves, admitted=st)
+
+    def _rebalance(self, force: bool) -> bool:
+        with self._lock:
+            rates = self._rates()
+            limit = self._limit
+            current = {m: (o.current.cand if o.current else None) for m, o in self._models.items()}
+        demands = [st.demand(rates[m]) for m, st in self._models.items()]
+        resident = {m: c.variant for m, c in current.items() if c is not None}
+        plan = select(demands, limit, objective=self.objective, resident=resident)
+        moves = [(self._models[m], plan.details[m]) for m in self._models
+                 if plan.choice[m] != resident.get(m)]
+        if not moves:
+            return False
+        held = sum(c.memory_bytes for c in current.values() if c is not None)
+        if not force and held <= limit:
+            served = math.fsum(rates[m] for m, c in current.items() if c is not None)
+            util = math.fsum(rates[m] * c.accuracy for m, c in current.items() if c is not None)
+            h = self.hysteresis
+            gain = plan.utility > util * (1 + h) + 1e-12
+            if self.objective == "misses":
+                gain = plan.served_rate > served * (1 + h) + 1e-12 or (
+                    plan.served_rate >= served - 1e-12 and gain)
+            if not gain:
+                log.debug("re-plan skipped: utility %.4g -> %.4g, served %.4g -> %.4g (within "
+                          "hysteresis %g)", util, plan.utility, served, plan.served_rate, h)
+                return False
+        log.info("re-plan at budget %d: %s", limit,
+                 ", ".join(f"{st.name}: {current[st.name].variant if current[st.name] else None}"
+                           f" -> {c.variant if c else None}" for st, c in moves))
+        self._execute(moves, admitted=None)
+        with self._lock:
+            self._counts["rebalances"] += 1
+        return True
+
+    def _apply_budget(self, value: int) -> None:
+        """Planner held: make ``value`` the budget; on a drop, shed and wait for the drain."""
+        with self._lock:
+            old = self._budget
+            self._limit = value
+            if value >= old or self._charged <= value:
+                self._budget = value
+                self._notify_audit()
+        log.debug("budget %d -> %d bytes", old, value)
+        try:
+            self._rebalance(force=False)
+        except Exception:  # noqa: BLE001 - shed below anyway: the budget must hold
+            log.exception("re-plan after the budget change to %d bytes failed", value)
+        with self._lock:
+            over = [st for st in self._models.values() if st.current is not None]
+            held = sum(st.current.charge for st in over)
+        if held > value:  # only if the re-plan failed: evict the largest until it fits
+            for st in sorted(over, key=lambda s: -s.current.charge):
+                if held <= value:
+                    break
+                held -= st.current.charge
+                self._retire_current(st)
+                with self._lock:
+                    self._counts["evictions"] += 1
+        with self._lock:
+            while self._charged > value:
+                self._cond.wait()
+            self._budget = value
+            self._notify_audit()
+
+    # -- transitions (planner held, lock not held) ----------------------------------------------
+
+    def _execute(self, moves: list[tuple[_Model, Candidate | None]],
+                 admitted: _Model | None) -> None:
+        """Evictions, then downgrades (make-before-break where they fit beside the old
+        variant), then upgrades and loads, hottest first. Errors loading ``admitted`` are
+        raised; others are logged and leave that model smaller or not resident."""
+        with self._lock:
+            rates = self._rates()
+            cur = {st.name: (st.current.cand if st.current else None) for st, _ in moves}
+        evicts, downs, ups = [], [], []
+        for st, c in moves:
+            old = cur[st.name]
+            if c is None:
+                evicts.append(st)
+            elif old is not None and (c.memory_bytes, c.accuracy) < (old.memory_bytes,
+                                                                      old.accuracy):
+                downs.append((st, c))
+            else:
+                ups.append((st, c))
+        for st in evicts:
+            if self._retire_current(st):
+                with self._lock:
+                    self._counts["evictions"] += 1
+        waiting = []
+        for st, c in sorted(downs, key=lambda x: x[1].memory_bytes - cur[x[0].name].memory_bytes):
+            if self._reserve(c.memory_bytes):
+                self._swap_in(st, c, "downgrades")
+            else:  # break-before-make: requests for it wait for the smaller variant
+                self._retire_current(st)
+                waiting.append((st, c))
+        for st, c in waiting:
+            self._load_into(st, c, "downgrades", raise_errors=False)
+        ups.sort(key=lambda x: (x[0] is not admitted, -rates[x[0].name], x[0].name))
+        for st, c in ups:
+            kind = "upgrades" if cur[st.name] is not None else (
+                "cold_loads" if st is admitted else "prefetches")
+            if cur[st.name] is not None and not self._reserve(c.memory_bytes):
+                self._retire_current(st)
+                self._load_into(st, c, kind, raise_errors=False)
+            elif cur[st.name] is not None:
+                self._swap_in(st, c, kind, raise_errors=False)
+            else:
+                self._load_into(st, c, kind, raise_errors=st is admitted)
+
+    def _reserve(self, need: int) -> bool:
+        """Charge ``need`` bytes if they fit under the limit. Waits for draining sessions
+        only when their bytes would make it fit (a request on a retired session delays the
+        planner, never fails)."""
+        with self._lock:
+            while (self._charged + need > self._limit and self._draining > 0
+                   and self._charged - self._draining + need <= self._limit):
+                self._cond.wait()
+            if self._charged + need > self._limit:
+                return False
+            self._charged += need
+            self._notify_audit()
+            return True
+
+    def _load_into(self, st: _Model, cand: Candidate, kind: str, *, raise_errors: bool) -> None:
+        if not self._reserve(cand.memory_bytes):
+            msg = (f"cannot load {cand.variant!r} for {st.name!r}: {cand.memory_bytes} bytes do "
+                   f"not fit under the budget of {self._limit} bytes with what is resident")
+            if raise_errors:
+                raise AdaptiveError(msg)
+            log.error("%s; leaving it not resident", msg)  # a planning bug, not the caller's
+            return
+        self._swap_in(st, cand, kind, raise_errors=raise_errors)
+
+    def _swap_in(self, st: _Model, cand: Candidate, kind: str, *,
+                 raise_errors: bool = False) -> None:
+        """Load ``cand`` (its bytes already reserved), make it current, retire the old one."""
+        try:
+            session = self._open(cand)
+        except Exception as e:
+            with self._lock:
+                self._charged -= cand.memory_bytes
+                self._notify_audit()
+                self._cond.notify_all()
+            if raise_errors:
+                raise
+            log.warning("loading %r for %r failed: %s", cand.variant, st.name, e)
+            return
+        entry = _Entry(st.name, cand, session)
+        with self._lock:
+            old = st.current
+            st.current = entry
+            self._counts[kind] += 1
+            release = self._retire(old) if old is not None else None
+            self._cond.notify_all()
+        if release is not None:
+            self._release(release)
+
+    def _open(self, cand: Candidate) -> Any:
+        manifest = self._manifests[cand.variant]
+        source = None
+        if self._keep_host:
+            with self._lock:
+                source = self._host.get(cand.variant)
+            if source is None:
+                source = Path(manifest.onnx_path).read_bytes()
+                with self._lock:
+                    self._host[cand.variant] = source
+        t0 = time.perf_counter()
+        session = self._loader(manifest, self.device, self.backend, source)
+        log.debug("loaded %r in %.1f ms", cand.variant, 1e3 * (time.perf_counter() - t0))
+        return session
+
+    def _retire_current(self, st: _Model) -> bool:
+        with self._lock:
+            old = st.current
+            if old is None:
+                return False
+            release = self._retire(old)
+        if release is not None:
+            self._release(release)
+        return True
+
+    def _retire(self, entry: _Entry) -> _Entry | None:
+        """Lock held: take ``entry`` out of service; return it if the caller must release
+        it now (nobody is running on it)."""
+        entry.retired = True
+        st = self._models[entry.model]
+        if st.current is entry:
+            st.current = None
+        self._draining += entry.charge
+        if entry.inflight == 0 and not entry.releasing:
+            entry.releasing = True
+            return entry
+        return None
+
+    def _release(self, entry: _Entry) -> None:
+        """Close a drained session, then give its bytes back (in that order, so the memory is
+        free before anything else may be charged to it)."""
+        session, entry.session = entry.session, None
+        try:
+            if session is not None:
+                session.close()
+        except Exception as e:  # noqa: BLE001 - the bytes must come back regardless
+            log.warning("closing %r failed: %s", entry.cand.variant, e)
+        del session
+        with self._lock:
+            self._charged -= entry.charge
+            self._draining -= entry.charge
+            self._notify_audit()
+            self._cond.notify_all()
+
+    def _notify_audit(self) -> None:
+        if self._audit is not None:
+            self._audit(self._charged, self._budget)
+
+    # -- background thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.rebalance_interval_s
+        poll = min(self.budget_poll_s, interval) if interval else self.budget_poll_s
+        next_plan = time.monotonic() + interval if interval else math.inf
+        while not self._stop.wait(poll):
+            try:
+                changed = self._source.dynamic and self.refresh_budget()
+                if interval and time.monotonic() >= next_plan:
+                    if not changed:
+                        self.rebalance()
+                    next_plan = time.monotonic() + interval
+            except Exception:  # noqa: BLE001 - the thread must outlive a bad re-plan
+                log.exception("background re-plan failed")
+
+
+def _batch_size(inputs: Any) -> int | None:
+    """The leading dimension of the first input, when it has a shape."""
+    if isinstance(inputs, Mapping):
+        first = next(iter(inputs.values()), None)
+    elif isinstance(inputs, (list, tuple)):
+        first = inputs[0] if inputs else None
+    else:
+        first = inputs
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return int(shape[0])
