@@ -28,6 +28,8 @@ import threading
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 log = logging.getLogger("memadapt.server")
 
@@ -87,9 +89,6 @@ def parse_inputs(body: Any, signature: list[dict], max_batch: int) -> dict[str, 
 
 def create_app(cache, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
     """A FastAPI app serving ``cache`` (a started :class:`adaptive.cache.VariantCache`)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
-
     from adaptive.errors import AdaptiveError, InfeasibleBudget
     from adaptive.units import parse_size
 
@@ -218,15 +217,17 @@ def create_app(cache, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
 def build_cache(args):
     from adaptive.cache import VariantCache
 
-    floors = {}
-    for f in args.floor or []:
-        model, _, acc = f.rpartition("=")
-        floors[model] = float(acc)
+    floors: dict[str, float] = {}
     candidates = None
     if args.profiles:
         from adaptive.catalog import demands_from_json
 
-        candidates = {d.model: list(d.candidates) for d in demands_from_json(args.profiles)}
+        demands = demands_from_json(args.profiles)
+        candidates = {d.model: list(d.candidates) for d in demands}
+        floors = {d.model: d.floor for d in demands if d.floor}
+    for f in args.floor or []:  # the command line overrides the file
+        model, _, acc = f.rpartition("=")
+        floors[model] = float(acc)
     return VariantCache(args.store, device=args.device, budget=args.budget, floors=floors,
                         candidates=candidates, max_batch=args.max_batch,
                         rebalance_interval_s=args.rebalance_s, threads=args.threads,
