@@ -109,13 +109,9 @@ def _exit_point(s: str) -> int:
 
 
 def _fmt_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+    from adaptive.units import format_size
+
+    return "-" if n is None else format_size(int(n))
 
 
 class _Progress:

@@ -147,7 +147,8 @@ def create_app(cache, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
                 "models": [{"model": m.model, "variant": m.variant, "floor": m.floor,
                             "accuracy": m.accuracy, "served_accuracy": m.served_accuracy,
                             "memory_bytes": m.memory_bytes, "requests": m.requests,
-                            "rate": m.rate} for m in st.models.values()]}
+                            "rate": m.rate, "inputs": signatures.get(m.model)}
+                           for m in st.models.values()]}
 
     @app.put("/v1/budget")
     async def put_budget(request: Request):
