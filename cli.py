@@ -315,6 +315,111 @@ def list_cmd(store: str, as_json: bool, verify: bool) -> None:
     _console().print(t)
 
 
+# ---------------------------------------------------------------- profiling
+
+@main.command("profile")
+@click.argument("store", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:<i>.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--batch", "batches", default="1,8", show_default=True,
+              callback=_csv(int, "a batch size", "positive integers, e.g. 1,8,32"),
+              help="Comma-separated batch sizes.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per batch size (after warm-up).")
+@click.option("--warmup", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--eval", "eval_set", default="auto", show_default=True, metavar="NAME|PATH",
+              help="Accuracy/fidelity data: auto (digits for 10-class ResNets, text for BERT, "
+                   "random otherwise), digits, text, random, none, or a .npz/folder.")
+@click.option("--variants", "pattern", default="*", show_default=True, metavar="GLOB",
+              help="Only variants whose name matches.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Measure again what is already in the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@_errors
+def profile_cmd(store, device, backend, batches, runs, warmup, eval_set, pattern, threads,
+                force, as_json) -> None:
+    """Measure every variant in STORE on a device: peak memory per batch size,
+    latency percentiles, load time, accuracy and fidelity to the base.
+
+    Each (variant, batch) runs in a fresh child process, so variants cannot
+    pollute each other's memory. Results go to STORE/catalog.sqlite as they
+    complete: an interrupted run keeps them and a re-run does only the rest.
+    A variant that fails or runs out of memory is recorded and profiling goes on.
+
+    \b
+    Example:
+      memadapt profile store --batch 1,8,32 --runs 50
+    """
+    import profiler
+
+    if any(b < 1 for b in batches):
+        raise click.BadParameter("batch sizes must be >= 1", param_hint="--batch")
+    with _Progress(not as_json) as bar:
+        res = profiler.profile(store, device=device, backend=backend, batches=batches or (1, 8),
+                               runs=runs, warmup=warmup,
+                               eval=None if eval_set == "none" else eval_set,
+                               variants=pattern, threads=threads, force=force, progress=bar)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in res], indent=2, default=str))
+        return
+    from collections import Counter
+
+    counts = Counter(r.status for r in res)
+    failed = [r for r in res if r.status in ("error", "oom")]
+    click.echo(f"profiled {len({r.variant for r in res})} variants on {device}/{backend}: "
+               + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    for r in failed:
+        click.echo(f"  {r.variant} batch {r.batch}: {r.status}: {r.error}", err=True)
+    _show(store, device, backend, None)
+
+
+def _show(store, device, backend, plot, batch=None):
+    import profiler
+    from profiler import report
+
+    profiles = profiler.load_profiles(store, device=device, backend=backend)
+    if not profiles:
+        raise click.ClickException(f"no profiles for {device}/{backend} in {store}; run "
+                                   f"`memadapt profile {store} --device {device}` first")
+    _console().print(report.table(profiles, title=f"{store} on {device}/{backend} "
+                                                  f"(★ Pareto-optimal)"))
+    if plot:
+        report.plot(profiles, plot, batch=batch)
+        click.echo(f"plot written to {plot}")
+    return profiles
+
+
+@main.command("show")
+@click.argument("store", type=click.Path())
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One object per variant and batch size.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="PNG of memory vs accuracy and latency vs accuracy, Pareto front drawn.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Batch size the plot uses (default: the smallest profiled).")
+@_errors
+def show_cmd(store, device, backend, as_json, plot, batch) -> None:
+    """Show the catalog: per variant and batch size, memory, p50/p95 latency, load time,
+    accuracy and fidelity, with Pareto-optimal rows marked."""
+    if as_json:
+        import profiler
+        from profiler import report
+        from variants import Store
+
+        profiles = profiler.load_profiles(Store(store), device=device, backend=backend)
+        if plot:
+            report.plot(profiles, plot, batch=batch)
+        click.echo(json.dumps(report.rows(profiles), indent=2, default=str))
+        return
+    from variants import Store
+
+    _show(Store(store), device, backend, plot, batch)
+
+
 # ---------------------------------------------------------------- selection and simulation
 
 def _size(ctx, param, value):

@@ -241,7 +241,9 @@ class VariantCache:
     ``rebalance_interval_s`` (never when None). A re-plan gaining less than ``hysteresis``
     times the current utility is skipped unless the current residency exceeds the budget.
 
-    ``loader(manifest, device, backend, source_bytes)`` opens sessions (default:
+    ``pin_allocator`` (CPU) pins glibc's mmap threshold as the profiler did, so resident
+    memory follows the catalog. ``loader(manifest, device, backend, source_bytes)`` opens
+    sessions (default:
     :func:`default_loader` with ``threads``); ``keep_host_bytes`` keeps each loaded
     variant's ONNX bytes in host memory so a re-load skips the disk. ``verify`` checks every
     candidate's files against their sha256 once, here, instead of at every load. ``audit``
@@ -258,7 +260,7 @@ class VariantCache:
                  hysteresis: float = 0.1, ewma_halflife_s: float = 30.0,
                  objective: str = "misses", threads: int | None = None,
                  keep_host_bytes: bool = False, verify: bool = True,
-                 audit: Callable[[int, int], None] | None = None):
+                 audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True):
         from variants.backends import list_backends, parse_device
         from variants.store import Store
 
@@ -294,6 +296,13 @@ class VariantCache:
         self._clock = clock
         self._keep_host = keep_host_bytes
         self._audit = audit
+        if pin_allocator and device == "cpu":
+            # The catalog's CPU figures were measured with glibc's mmap threshold pinned;
+            # without it freed session-build memory stays resident and the process uses
+            # 1.2-2.3x what the budget accounts for (see profiler.memory).
+            from profiler.memory import pin_allocator as _pin
+
+            _pin()
         if loader is None:
             def loader(manifest, device, backend, source_bytes, _threads=threads):
                 return default_loader(manifest, device, backend, source_bytes, threads=_threads)

@@ -18,7 +18,7 @@ from profiler.accuracy import BUILTIN_EVAL_SETS, Evaluator, resolve_eval
 from profiler.catalog import Catalog
 from profiler.device import DeviceInfo, device_info
 from profiler.errors import ProfilerError
-from profiler.memory import fit_memory
+from profiler.memory import ALLOCATORS, allocator_env, fit_memory
 from variants.backends import list_backends, parse_device
 from variants.errors import StoreError
 from variants.families import get_family
@@ -85,7 +85,8 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
             batches: Sequence[int] = (1, 8), runs: int = 20, warmup: int = 3,
             eval: str | None = "auto", variants: str | Sequence[str] = "*",
             threads: int | None = None, force: bool = False, progress: Progress | None = None,
-            eval_samples: int = 512, timeout: float = 900.0) -> list[Measurement]:
+            eval_samples: int = 512, timeout: float = 900.0,
+            allocator: str = "pinned") -> list[Measurement]:
     """Profile the store's variants on ``device`` and record the results in its catalog.
 
     Per batch size, each variant runs in a fresh child process that measures
@@ -95,10 +96,15 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
     and a re-run skips what is stored (``force=True`` measures again). A
     variant that fails to load or runs out of memory is recorded with its
     status and error text, and profiling goes on. ``warmup`` counts the
-    first (cold) run; ``timeout`` bounds each child in seconds.
+    first (cold) run; ``timeout`` bounds each child in seconds; ``allocator``
+    ("pinned" or "default") is the glibc setting of the measuring process (see
+    :mod:`profiler.memory` for why pinned is the default).
     """
     store = store if isinstance(store, Store) else Store(store)
     bs = _check_args(device, backend, batches, runs, warmup, eval)
+    if allocator not in ALLOCATORS:
+        raise ProfilerError(f"allocator must be one of {', '.join(ALLOCATORS)}, "
+                            f"got {allocator!r}")
     manifests = _select(store, variants)
     info = device_info(device)
     evaluator = Evaluator(store, device=device, backend=backend, threads=threads,
@@ -106,13 +112,14 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
     results: list[Measurement] = []
     with Catalog(store.catalog_path) as cat:
         cat.record_device(info)
-        done = set() if force else cat.done_batches(info.fingerprint, backend)
+        done = set() if force else cat.done_batches(info.fingerprint, backend, allocator)
         done_acc = set() if force else cat.done_accuracy(info.type, backend)
         for m in manifests:
             results += _profile_variant(
                 store, m, cat, info, backend=backend, batches=bs, runs=runs, warmup=warmup,
                 eval_set=resolve_eval(eval, m), threads=threads, done=done, done_acc=done_acc,
-                evaluator=evaluator, progress=progress, timeout=timeout, device=device)
+                evaluator=evaluator, progress=progress, timeout=timeout, device=device,
+                allocator=allocator)
     return results
 
 
@@ -120,7 +127,7 @@ def _profile_variant(store: Store, m: Manifest, cat: Catalog, info: DeviceInfo, 
                      backend: str, batches: tuple[int, ...], runs: int, warmup: int,
                      eval_set: str | None, threads: int | None, done: set, done_acc: set,
                      evaluator: Evaluator, progress: Progress | None, timeout: float,
-                     device: str) -> list[Measurement]:
+                     device: str, allocator: str) -> list[Measurement]:
     total = len(batches) + (1 if eval_set else 0)
     step = 0
 
@@ -150,8 +157,10 @@ def _profile_variant(store: Store, m: Manifest, cat: Catalog, info: DeviceInfo, 
                 row = {"status": "error", "error": load_error}
             else:
                 row = run_child(store, m, b, device=device, backend=backend, runs=runs,
-                                warmup=warmup, threads=threads, timeout=timeout)
+                                warmup=warmup, threads=threads, timeout=timeout,
+                                allocator=allocator)
             row["seconds"] = time.perf_counter() - t0
+            row["allocator"] = allocator
             cat.upsert_batch({**base_row, "batch": b, **row})
             log.info("%s batch %d: %s (peak %s bytes, p50 %s s)", m.name, b, row["status"],
                      row.get("peak_memory_bytes"), row.get("latency_p50_s"))
@@ -213,7 +222,8 @@ def _inputs(m: Manifest, batch: int, path: Path) -> None:
 
 
 def run_child(store: Store, m: Manifest, batch: int, *, device: str, backend: str, runs: int,
-              warmup: int, threads: int | None, timeout: float) -> dict[str, Any]:
+              warmup: int, threads: int | None, timeout: float,
+              allocator: str = "pinned") -> dict[str, Any]:
     """Measure ``m`` at ``batch`` in a fresh process; returns catalog columns."""
     import json
 
@@ -228,7 +238,7 @@ def run_child(store: Store, m: Manifest, batch: int, *, device: str, backend: st
                "threads": threads, "runs": runs, "warmup": warmup,
                "inputs": str(tmpd / "inputs.npz"), "result": str(tmpd / "result.json")}
         (tmpd / "request.json").write_text(json.dumps(req), encoding="utf-8")
-        env = dict(os.environ)
+        env = allocator_env(allocator, dict(os.environ))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH"))
                                             if p)
         cmd = [sys.executable, "-m", "profiler._child", str(tmpd / "request.json")]

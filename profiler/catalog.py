@@ -34,9 +34,9 @@ DONE_STATUSES = ("ok", "oom")
 BATCH_COLUMNS = (
     "variant_key", "variant", "device_fp", "device_type", "backend", "batch", "status",
     "error", "baseline_bytes", "static_memory_bytes", "load_peak_bytes", "peak_memory_bytes",
-    "memory_method", "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_mean_s",
-    "latency_std_s", "throughput", "runs", "threads", "load_cold_s", "load_warm_s", "seconds",
-    "measured_at",
+    "memory_method", "allocator", "latency_p50_s", "latency_p95_s", "latency_p99_s",
+    "latency_mean_s", "latency_std_s", "throughput", "runs", "threads", "load_cold_s",
+    "load_warm_s", "seconds", "measured_at",
 )
 ACCURACY_COLUMNS = (
     "variant_key", "variant", "device_type", "backend", "eval_set", "device_fp", "status",
@@ -69,6 +69,7 @@ MIGRATIONS: list[Sequence[str]] = [
             load_peak_bytes INTEGER,
             peak_memory_bytes INTEGER,
             memory_method TEXT,
+            allocator TEXT,
             latency_p50_s REAL,
             latency_p95_s REAL,
             latency_p99_s REAL,
@@ -261,12 +262,15 @@ class Catalog:
                                               tuple(json.loads(r["batches"])))
         return out
 
-    def done_batches(self, device_fp: str, backend: str) -> set[tuple[str, int]]:
-        """(variant key, batch) pairs a resumed run must not measure again."""
+    def done_batches(self, device_fp: str, backend: str,
+                     allocator: str = "pinned") -> set[tuple[str, int]]:
+        """(variant key, batch) pairs a resumed run must not measure again (a row measured
+        under another allocator setting is measured again and replaced)."""
         q = ("SELECT variant_key, batch FROM batch_profiles WHERE device_fp = ? AND backend = ? "
-             f"AND status IN ({', '.join('?' for _ in DONE_STATUSES)})")
+             f"AND status IN ({', '.join('?' for _ in DONE_STATUSES)}) "
+             "AND allocator = ?")
         return {(r[0], int(r[1])) for r in
-                self.conn.execute(q, (device_fp, backend, *DONE_STATUSES))}
+                self.conn.execute(q, (device_fp, backend, *DONE_STATUSES, allocator))}
 
     def done_accuracy(self, device_type: str, backend: str) -> set[tuple[str, str]]:
         """(variant key, eval set) pairs with a finished accuracy measurement."""

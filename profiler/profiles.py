@@ -43,6 +43,7 @@ class BatchProfile:
     load_peak_bytes: int | None = None
     baseline_bytes: int | None = None
     memory_method: str | None = None
+    allocator: str | None = None  # "pinned" or "default": see profiler.memory
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     latency_p99_s: float | None = None
