@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from adaptive.catalog import demands_from_catalog, demands_from_json  # noqa: E402
 from adaptive.policies import get_policy, list_policies  # noqa: E402
 from adaptive.select import Candidate, ModelDemand  # noqa: E402
 from adaptive.simulate import clone_population, simulate  # noqa: E402
@@ -83,33 +84,26 @@ HEADLINE_FRACTION = 0.5
 HEADLINE_FACTOR = 0.5
 
 
-def _demand(fam: dict[str, Any]) -> ModelDemand:
-    cands = []
-    for c in fam["candidates"]:
-        if isinstance(c, dict):
-            cands.append(Candidate(c["variant"], int(c["memory_bytes"]), float(c["accuracy"]),
-                                   float(c.get("latency_s", 0.0)), float(c.get("load_s", 0.0))))
-        else:
-            cands.append(Candidate(c[0], int(c[1]), float(c[2]), float(c[3]), float(c[4])))
-    return ModelDemand(fam["model"], cands, floor=float(fam.get("floor", 0.0)))
-
-
 def placeholder_families() -> list[ModelDemand]:
     """The built-in placeholder table as ModelDemands (see the comment above it)."""
-    return [_demand(f) for f in PLACEHOLDER_FAMILIES]
+    return [ModelDemand(f["model"], [Candidate(*c) for c in f["candidates"]],
+                        floor=f["floor"]) for f in PLACEHOLDER_FAMILIES]
 
 
-def families_from_json(path: str | os.PathLike[str]) -> list[ModelDemand]:
-    """Per-family candidates from a JSON file (format in the module docstring)."""
-    data = json.loads(Path(path).read_text())
-    fams = data["families"] if isinstance(data, dict) else data
-    return [_demand(f) for f in fams]
+def catalog_families(store: str, batch: int, relative_floor: float) -> list[ModelDemand]:
+    """Measured families from a profiled store; each model's floor is ``relative_floor``
+    times its base variant's quality (labelled accuracy, else fidelity)."""
+    from dataclasses import replace
 
+    from variants import Store
 
-def demands_from_catalog(store: str | os.PathLike[str]) -> list[ModelDemand]:
-    """Per-family candidates from a variant store's profiler catalog (to be wired by the lead)."""
-    raise NotImplementedError(f"--store {store}: the profiler catalog is not wired into this "
-                              f"benchmark yet; use --profiles FILE or the placeholder table")
+    fams = demands_from_catalog(Store(store), batch=batch)
+    out = []
+    for d in fams:
+        base = next((c for c in d.candidates if c.variant == d.model), None)
+        top = base.accuracy if base else max(c.accuracy for c in d.candidates)
+        out.append(replace(d, floor=round(relative_floor * top, 4)))
+    return out
 
 
 def base_bytes(demands: list[ModelDemand] | tuple[ModelDemand, ...]) -> int:
@@ -135,9 +129,11 @@ def _online_whole_model(policies: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.store:
-        families, source = demands_from_catalog(args.store), f"catalog {args.store}"
+        families = catalog_families(args.store, args.batch, args.relative_floor)
+        source = (f"catalog of {args.store} (memory at batch {args.batch}; floors "
+                  f"{args.relative_floor:g} x base quality)")
     elif args.profiles:
-        families, source = families_from_json(args.profiles), f"file {args.profiles}"
+        families, source = demands_from_json(args.profiles), f"file {args.profiles}"
     else:
         families, source = placeholder_families(), "PLACEHOLDER table in benchmarks/policies.py"
     population = clone_population(families, args.models, seed=args.seed)
@@ -327,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--profiles", help="JSON file of per-family candidates")
     src.add_argument("--store", help="variant store whose catalog gives the profiles")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="with --store: charge variants their memory at this batch size")
+    ap.add_argument("--relative-floor", type=float, default=0.9,
+                    help="with --store: each model's floor as a fraction of its base quality")
     ap.add_argument("--models", type=int, default=60)
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--duration", type=float, default=3600.0)
