@@ -168,8 +168,16 @@ def load_data(source: str, split: str = "calib") -> Dataset:
     if source == "text":
         return _text_split(split)
     if source == "random":
-        raise DataError("'random' has no stored samples; use calibration_batches()")
-    return _from_path(Path(source), split)
+        raise DataError("'random' has no stored samples; use calibration()")
+    ds = _from_path(Path(source), split)
+    if ds.labels is None or split == "calib":
+        return ds
+    # labelled user data: a deterministic 80/20 split keeps "eval" held out from "train"
+    order = np.random.default_rng(4321).permutation(len(ds))
+    cut = int(0.8 * len(ds))
+    idx = np.sort(order[:cut] if split == "train" else order[cut:])
+    inputs = ds.inputs[idx] if isinstance(ds.inputs, np.ndarray) else [ds.inputs[i] for i in idx]
+    return Dataset(f"{ds.name}:{split}", inputs, ds.labels[idx])
 
 
 def default_source(family_name: str) -> str:
