@@ -705,5 +705,76 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
         click.echo(f"plot written to {plot}")
 
 
+@main.command("replay")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Profiled store whose variants serve the trace (trace models not in it are "
+                   "backed by its models round-robin).")
+@click.option("--trace", "trace_path", required=True, type=click.Path(exists=True,
+                                                                       dir_okay=False))
+@click.option("--budget", required=True, callback=_size, metavar="SIZE",
+              help="Fixed memory budget, e.g. 64MiB.")
+@click.option("--floor", "floors", multiple=True, callback=_assignments("acc"),
+              metavar="MODEL=ACC", help="Accuracy floor of a profiled model (the trace models "
+                                        "it backs inherit it), or ACC for all.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=None,
+              help="Replay only the first N requests.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Profiled batch size: memory is charged at it; requests may not exceed it.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--backend", default="onnxruntime", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Intra-op threads per session (profile with the same for comparable "
+                   "latency).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_errors
+def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, backend, threads,
+               as_json) -> None:
+    """Run a request trace for real through the VariantCache and compare with the simulator.
+
+    The cache makes the simulator's memadapt decisions on the trace's clock
+    (requests run back to back); the table sets simulated and real miss rate
+    and latency side by side.
+
+    \b
+    Example:
+      memadapt replay --store store --trace t.csv --budget 64MiB --max-requests 500
+    """
+    from adaptive.replay import replay
+    from adaptive.traces import read_requests
+
+    trace = read_requests(trace_path)
+    families = _load_demands(store, None, device, backend, batch, dict(floors))
+    with _Progress(not as_json) as bar:
+        report = replay(store, trace, budget=budget, device=device, backend=backend, batch=batch,
+                        max_requests=max_requests, threads=threads, candidates=families,
+                        progress=bar)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"replay of {report.requests:,} requests, {len(report.models)} models on "
+                    f"{len(set(report.models.values()))} stored, budget {_fmt_bytes(budget)}")
+    for col in ("metric", "simulated", "real", "difference"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    shown = {"miss_rate": ("miss rate", "{:.4f}", 1),
+             "mean_latency_s": ("mean latency", "{:.2f} ms", 1e3),
+             "p99_latency_s": ("p99 latency", "{:.2f} ms", 1e3),
+             "mean_accuracy": ("mean accuracy", "{:.4f}", 1),
+             "evictions": ("evictions", "{:.0f}", 1),
+             "downgrades": ("downgrades", "{:.0f}", 1),
+             "upgrades": ("upgrades", "{:.0f}", 1)}
+    for m in report.metrics:
+        label, fmt, scale = shown.get(m.name, (m.name, "{:g}", 1))
+        diff = m.difference
+        t.add_row(label, fmt.format(m.simulated * scale), fmt.format(m.real * scale),
+                  f"{diff:+.1%}" if diff != float("inf") else "inf")
+    _console().print(t)
+    click.echo(f"{report.served:,} served, {report.failures} failed, {report.rejected} rejected "
+               f"by the simulator; real replay took {report.wall_s:.1f} s")
+    for e in report.errors:
+        click.echo(f"  {e}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -4,7 +4,8 @@
 memory its profile says it needs at the configured batch size, and follows a changing budget
 by *downgrading* models to smaller variants (never below their accuracy floor) before it
 evicts any, and upgrading them again when memory returns. What to hold is decided by
-:func:`adaptive.select`; this module only moves sessions, safely.
+:mod:`adaptive.admission` (the same decisions the simulator's ``memadapt`` policy makes, on
+top of :func:`adaptive.select`); this module only moves sessions, safely.
 
 Concurrency model (one owner, one lock):
 
@@ -42,9 +43,20 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from adaptive.admission import (
+    Ladders,
+    Move,
+    Rates,
+    ReplanSchedule,
+    admit,
+    apply_targets,
+    plan_targets,
+    shed,
+    worth_applying,
+)
 from adaptive.budget import BudgetSource, as_budget
 from adaptive.errors import AdaptiveError
-from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible, select
+from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible
 
 __all__ = [
     "CacheStats", "CandidateSource", "InferResult", "Loader", "ModelStats", "UnknownModelError",
@@ -188,35 +200,22 @@ class _Pending:
 class _Model:
     """Per-model state, all guarded by the cache's lock."""
 
-    __slots__ = ("name", "cands", "by_variant", "floor", "current", "pending", "count", "last",
+    __slots__ = ("name", "index", "cands", "index_of", "floor", "current", "pending", "since",
                  "requests", "hits", "served", "acc_sum")
 
     def __init__(self, name: str, cands: Sequence[Candidate], floor: float):
         self.name = name
+        self.index = -1  # position in the cache's model order (the decisions' numbering)
         self.cands = tuple(cands)
-        self.by_variant = {c.variant: c for c in self.cands}
+        self.index_of = {c.variant: k for k, c in enumerate(self.cands)}
         self.floor = floor
         self.current: _Entry | None = None
         self.pending: _Pending | None = None
-        self.count = 0.0  # exponentially decayed request count
-        self.last: float | None = None
+        self.since = 0  # when it last became resident (a sequence number): residency order
         self.requests = 0
         self.hits = 0
         self.served = 0
         self.acc_sum = 0.0
-
-    def seen(self, t: float, halflife: float) -> None:
-        if self.last is None:
-            self.count = 1.0
-        else:
-            self.count = self.count * 2.0 ** (-max(0.0, t - self.last) / halflife) + 1.0
-        self.last = t
-
-    def rate(self, t: float, halflife: float) -> float:
-        """Requests per second: the decayed count over the decay's mean lifetime."""
-        if self.last is None:
-            return 0.0
-        return self.count * 2.0 ** (-max(0.0, t - self.last) / halflife) * _LN2 / halflife
 
     def demand(self, rate: float, cands: Sequence[Candidate] | None = None) -> ModelDemand:
         return ModelDemand(self.name, self.cands if cands is None else cands, self.floor, rate)
@@ -228,18 +227,26 @@ class VariantCache:
     ``store`` is a :class:`variants.Store` (or its path); its models are the manifests' bases.
     Candidates per model come from ``candidates`` (model -> :class:`Candidate` list naming
     stored variants) or from ``profiles`` (a :data:`CandidateSource`; by default the
-    profiler's catalog via :func:`catalog_candidates`). Each resident variant is charged its
-    candidate's ``memory_bytes``, the profile at ``max_batch``; ``infer`` refuses larger
-    batches. ``floors`` maps models to accuracy floors (default 0).
+    profiler's catalog via :func:`catalog_candidates`). ``aliases`` maps a served model name
+    to the stored base its candidates belong to, so several models (say, fine-tuned copies)
+    can be served from the same files, each with its own session and memory. Each resident
+    variant is charged its candidate's ``memory_bytes``, the profile at ``max_batch``;
+    ``infer`` refuses larger batches. ``floors`` maps models to accuracy floors (default 0).
 
     ``budget`` is bytes, a size string, a source name (``"cgroup"``, ``"cuda-free"``), a
     function or a :class:`BudgetSource`; by default free CUDA memory on ``cuda`` devices and
-    the cgroup limit on ``cpu``. ``objective`` is :func:`adaptive.select`'s. Rates are EWMAs
+    the cgroup limit on ``cpu``. What to load, downgrade or evict is decided by
+    :mod:`adaptive.admission`, the simulator's ``memadapt`` rules: a miss downgrades the
+    cheapest residents before it evicts the coldest, a budget drop likewise. Rates are EWMAs
     of observed requests (half-life ``ewma_halflife_s`` on ``clock``). ``rebalance()``
-    re-plans; the background thread (``start()``, or use the cache as a context manager)
-    polls the budget source every ``budget_poll_s`` and re-plans every
-    ``rebalance_interval_s`` (never when None). A re-plan gaining less than ``hysteresis``
-    times the current utility is skipped unless the current residency exceeds the budget.
+    re-plans with :func:`adaptive.select` (``objective``) and applies the plan when the
+    residency it leads to gains more than ``hysteresis`` (a fraction of the requests served
+    from memory, then of the utility), unless forced; ``prefetch`` lets a re-plan load models
+    that are not resident. Re-plans happen on budget changes, on ``rebalance()``, in the
+    background thread (``start()``, or use the cache as a context manager; it polls the
+    budget source every ``budget_poll_s`` and re-plans every ``rebalance_interval_s``, never
+    when None) and, with ``schedule`` (a :class:`~adaptive.admission.ReplanSchedule`), on
+    request arrivals in ``clock`` time, as the simulator does.
 
     ``pin_allocator`` (CPU) pins glibc's mmap threshold as the profiler did, so resident
     memory follows the catalog. ``loader(manifest, device, backend, source_bytes)`` opens
@@ -260,7 +267,9 @@ class VariantCache:
                  hysteresis: float = 0.1, ewma_halflife_s: float = 30.0,
                  objective: str = "misses", threads: int | None = None,
                  keep_host_bytes: bool = False, verify: bool = True,
-                 audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True):
+                 audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True,
+                 prefetch: bool = True, schedule: ReplanSchedule | None = None,
+                 aliases: Mapping[str, str] | None = None):
         from variants.backends import list_backends, parse_device
         from variants.store import Store
 
@@ -280,6 +289,9 @@ class VariantCache:
         if not (isinstance(hysteresis, (int, float)) and hysteresis >= 0):
             raise AdaptiveError(f"hysteresis must be >= 0 (a fraction of the current utility), "
                                 f"got {hysteresis!r}")
+        if schedule is not None and not isinstance(schedule, ReplanSchedule):
+            raise AdaptiveError(f"schedule must be an adaptive.admission.ReplanSchedule or None, "
+                                f"got {schedule!r}")
         if keep_host_bytes and backend != "onnxruntime":
             raise AdaptiveError(f"keep_host_bytes needs the onnxruntime backend (it re-opens "
                                 f"sessions from ONNX bytes), not {backend!r}")
@@ -290,9 +302,10 @@ class VariantCache:
         self.max_batch = max_batch
         self.objective = objective
         self.hysteresis = float(hysteresis)
+        self.prefetch = bool(prefetch)
+        self.schedule = schedule
         self.rebalance_interval_s = rebalance_interval_s
         self.budget_poll_s = float(budget_poll_s)
-        self._halflife = float(ewma_halflife_s)
         self._clock = clock
         self._keep_host = keep_host_bytes
         self._audit = audit
@@ -312,7 +325,15 @@ class VariantCache:
             candidates = (profiles or catalog_candidates)(self.store, device, backend, max_batch)
         self._models: dict[str, _Model] = {}
         self._manifests: dict[str, Any] = {}
-        self._build_models(candidates, dict(floors or {}), verify)
+        self._build_models(candidates, dict(floors or {}), dict(aliases or {}), verify)
+        for i, st in enumerate(self._models.values()):
+            st.index = i
+        self._names = list(self._models)
+        self._ladders = Ladders([st.demand(0.0) for st in self._models.values()])
+        self._rates = Rates(len(self._names), float(ewma_halflife_s) / _LN2)
+        self._targets = [-1] * len(self._names)  # rung per model from the last re-plan
+        self._timer = schedule.timer() if schedule is not None else None
+        self._since = 0
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -336,9 +357,13 @@ class VariantCache:
     # -- construction ------------------------------------------------------------------------
 
     def _build_models(self, candidates: Mapping[str, Sequence[Candidate]],
-                      floors: dict[str, float], verify: bool) -> None:
+                      floors: dict[str, float], aliases: dict[str, str], verify: bool) -> None:
         stored = set(self.store.names())
+        unknown = sorted(set(aliases) - set(candidates))
+        if unknown:
+            raise AdaptiveError(f"aliases name models {unknown} that have no candidates")
         for model, cands in sorted(candidates.items()):
+            base = aliases.get(model, model)
             cands = list(cands)
             if not cands:
                 raise AdaptiveError(f"model {model!r} has no candidate variants")
@@ -350,10 +375,15 @@ class VariantCache:
                     raise AdaptiveError(f"model {model!r}: candidate {c.variant!r} is not in the "
                                         f"store {self.store.root}; stored: "
                                         f"{', '.join(sorted(stored)) or 'none'}")
-                manifest = self.store.verify(c.variant) if verify else self.store.get(c.variant)
-                if manifest.base != model:
+                manifest = self._manifests.get(c.variant)
+                if manifest is None:
+                    manifest = (self.store.verify(c.variant) if verify
+                                else self.store.get(c.variant))
+                if manifest.base != base:
+                    fix = (f"list it under its base or pass aliases={{{model!r}: "
+                           f"{manifest.base!r}}}" if base == model else "fix aliases")
                     raise AdaptiveError(f"candidate {c.variant!r} belongs to model "
-                                        f"{manifest.base!r}, not {model!r}; list it under its base")
+                                        f"{manifest.base!r}, not {base!r}; {fix}")
                 self._manifests[c.variant] = manifest
             floor = floors.pop(model, 0.0)
             try:
@@ -435,10 +465,23 @@ class VariantCache:
                 raise AdaptiveError("the VariantCache is closed")
             self._counts["requests"] += 1
             st.requests += 1
-            st.seen(self._clock(), self._halflife)
-            entry = st.current
+            now = self._clock()
+            self._rates.seen(st.index, now)
+            timer = self._timer
+            due = timer is not None and timer.due(now) and \
+                timer.check(now, lambda: self._rates.rates(now)) is not None
+            entry = None if due else st.current
             if entry is not None:
                 entry.inflight += 1
+        if due:  # the schedule's re-plan comes before this request is served, as simulated
+            try:
+                self.rebalance()
+            except Exception:  # noqa: BLE001 - a failed re-plan must not fail the request
+                log.exception("scheduled re-plan failed")
+            with self._lock:
+                entry = st.current
+                if entry is not None:
+                    entry.inflight += 1
         cold = entry is None
         if entry is None:
             try:
@@ -507,7 +550,7 @@ class VariantCache:
                     accuracy=e.cand.accuracy if e else None,
                     served_accuracy=st.acc_sum / st.served if st.served else None,
                     requests=st.requests, hits=st.hits, memory_bytes=e.charge if e else 0,
-                    rate=st.rate(now, self._halflife))
+                    rate=self._rates.rate(st.index, now))
             return CacheStats(**self._counts, bytes_resident=self._charged,
                               budget_bytes=self._budget,
                               host_bytes=sum(len(b) for b in self._host.values()),
@@ -655,80 +698,78 @@ class VariantCache:
                 self._planning = False
                 self._cond.notify_all()
 
-    def _rates(self) -> dict[str, float]:
-        now = self._clock()
-        return {m: st.rate(now, self._halflife) for m, st in self._models.items()}
+    def _snapshot(self) -> tuple[list[int], list[int], int]:
+        """Lock held: the residency as the decisions see it: resident candidate per model
+        (-1: none), resident models in the order they became resident, their bytes."""
+        res = [-1] * len(self._names)
+        order = []
+        held = 0
+        for st in self._models.values():
+            e = st.current
+            if e is not None:
+                res[st.index] = st.index_of[e.cand.variant]
+                order.append((st.since, st.index))
+                held += e.cand.memory_bytes
+        order.sort()
+        return res, [m for _, m in order], held
+
+    def _moves(self, moves: list[Move]) -> list[tuple[_Model, Candidate | None]]:
+        models = self._models
+        out = []
+        for mv in moves:
+            st = models[self._names[mv.model]]
+            out.append((st, st.cands[mv.variant] if mv.variant >= 0 else None))
+        return out
 
     def _admit(self, st: _Model) -> None:
-        """Planner held: load ``st`` at the best variant that fits, shrinking others to make
-        room (downgrades before evictions, as the objective allows)."""
+        """Planner held: load ``st`` at the variant :func:`adaptive.admission.admit` picks,
+        making the room it says (downgrades before evictions)."""
         with self._lock:
             if st.current is not None:
                 return
-            rates = self._rates()
+            now = self._clock()
+            rate = max(self._rates.rate(st.index, now), 1e-12)
+            key = list(self._rates.key)
             limit = self._limit
-            current = {m: (o.current.cand if o.current else None) for m, o in self._models.items()}
-        rate = max(rates[st.name], 1e-12)
+            target = self._targets[st.index]
+            res, resident, held = self._snapshot()
         check_feasible([st.demand(rate)], limit, [st.name])  # InfeasibleBudget
-        # Others may only keep or shrink what they hold: a cold load is no time for upgrades.
-        others, resident = [], {}
-        for m, o in self._models.items():
-            cur = current[m]
-            if m == st.name or cur is None:
-                continue
-            shrink = [c for c in o.cands if c.memory_bytes <= cur.memory_bytes]
-            others.append(o.demand(rates[m], shrink))
-            resident[m] = cur.variant
-        best = None
-        for c in st.cands:
-            if c.accuracy < st.floor or c.memory_bytes > limit:
-                continue
-            plan = select(others, limit - c.memory_bytes, objective=self.objective,
-                          resident=resident)
-            changes = sum(plan.choice[m] != v for m, v in resident.items())
-            util = plan.utility + rate * c.accuracy
-            key = (round(plan.served_rate, 9), round(util, 12), -changes, -c.memory_bytes) \
-                if self.objective == "misses" else (round(util, 12), -changes, -c.memory_bytes)
-            if best is None or key > best[0]:
-                best = (key, c, plan)
-        assert best is not None  # check_feasible passed
-        _, cand, plan = best
-        moves = [(self._models[m], plan.details[m]) for m in resident
-                 if plan.choice[m] != resident[m]]
-        moves.append((st, cand))
-        log.debug("cold load of %r as %r (moves: %s)", st.name, cand.variant,
-                  [(o.name, c.variant if c else None) for o, c in moves])
-        self._execute(moves, admitted=st)
+        moves, k = admit(self._ladders, st.index, res, resident, limit - held, key, target)
+        todo = self._moves(moves)
+        todo.append((st, st.cands[k]))
+        log.debug("cold load of %r as %r (moves: %s)", st.name, st.cands[k].variant,
+                  [(o.name, c.variant if c else None) for o, c in todo[:-1]])
+        self._execute(todo, admitted=st)
 
     def _rebalance(self, force: bool) -> bool:
         with self._lock:
-            rates = self._rates()
+            now = self._clock()
+            rates = self._rates.rates(now)
+            key = list(self._rates.key)
             limit = self._limit
-            current = {m: (o.current.cand if o.current else None) for m, o in self._models.items()}
-        demands = [st.demand(rates[m]) for m, st in self._models.items()]
-        resident = {m: c.variant for m, c in current.items() if c is not None}
-        plan = select(demands, limit, objective=self.objective, resident=resident)
-        moves = [(self._models[m], plan.details[m]) for m in self._models
-                 if plan.choice[m] != resident.get(m)]
+            res, resident, held = self._snapshot()
+            if self._timer is not None:
+                self._timer.planned(now, rates)
+        targets = plan_targets(self._ladders, rates, res, resident, limit,
+                               objective=self.objective)
+        if targets is None:
+            return False
+        with self._lock:
+            self._targets = targets
+        moves = apply_targets(self._ladders, targets, res, resident, limit - held, rates, key,
+                              prefetch=self.prefetch)
         if not moves:
             return False
-        held = sum(c.memory_bytes for c in current.values() if c is not None)
-        if not force and held <= limit:
-            served = math.fsum(rates[m] for m, c in current.items() if c is not None)
-            util = math.fsum(rates[m] * c.accuracy for m, c in current.items() if c is not None)
-            h = self.hysteresis
-            gain = plan.utility > util * (1 + h) + 1e-12
-            if self.objective == "misses":
-                gain = plan.served_rate > served * (1 + h) + 1e-12 or (
-                    plan.served_rate >= served - 1e-12 and gain)
-            if not gain:
-                log.debug("re-plan skipped: utility %.4g -> %.4g, served %.4g -> %.4g (within "
-                          "hysteresis %g)", util, plan.utility, served, plan.served_rate, h)
-                return False
-        log.info("re-plan at budget %d: %s", limit,
-                 ", ".join(f"{st.name}: {current[st.name].variant if current[st.name] else None}"
-                           f" -> {c.variant if c else None}" for st, c in moves))
-        self._execute(moves, admitted=None)
+        if not force and held <= limit and not worth_applying(
+                self._ladders, res, resident, moves, rates, hysteresis=self.hysteresis,
+                objective=self.objective):
+            log.debug("re-plan skipped: gains less than the hysteresis %g", self.hysteresis)
+            return False
+        todo = self._moves(moves)
+        log.info("re-plan at budget %d: %s", limit, ", ".join(
+            f"{o.name}: {o.cands[res[o.index]].variant if res[o.index] >= 0 else None} -> "
+            f"{c.variant if c else None}" for o, c in todo))
+        self._execute(todo, admitted=None)
         with self._lock:
             self._counts["rebalances"] += 1
         return True
@@ -741,15 +782,20 @@ class VariantCache:
             if value >= old or self._charged <= value:
                 self._budget = value
                 self._notify_audit()
+            key = list(self._rates.key)
+            res, resident, held = self._snapshot()
         log.debug("budget %d -> %d bytes", old, value)
         try:
+            if held > value:
+                self._execute(self._moves(shed(self._ladders, res, resident, value - held, key)),
+                              admitted=None)
             self._rebalance(force=False)
         except Exception:  # noqa: BLE001 - shed below anyway: the budget must hold
             log.exception("re-plan after the budget change to %d bytes failed", value)
         with self._lock:
             over = [st for st in self._models.values() if st.current is not None]
             held = sum(st.current.charge for st in over)
-        if held > value:  # only if the re-plan failed: evict the largest until it fits
+        if held > value:  # only if shedding failed: evict the largest until it fits
             for st in sorted(over, key=lambda s: -s.current.charge):
                 if held <= value:
                     break
@@ -771,7 +817,7 @@ class VariantCache:
         variant), then upgrades and loads, hottest first. Errors loading ``admitted`` are
         raised; others are logged and leave that model smaller or not resident."""
         with self._lock:
-            rates = self._rates()
+            rates = self._rates.rates(self._clock())
             cur = {st.name: (st.current.cand if st.current else None) for st, _ in moves}
         evicts, downs, ups = [], [], []
         for st, c in moves:
@@ -796,7 +842,7 @@ class VariantCache:
                 waiting.append((st, c))
         for st, c in waiting:
             self._load_into(st, c, "downgrades", raise_errors=False)
-        ups.sort(key=lambda x: (x[0] is not admitted, -rates[x[0].name], x[0].name))
+        ups.sort(key=lambda x: (x[0] is not admitted, -rates[x[0].index], x[0].name))
         for st, c in ups:
             kind = "upgrades" if cur[st.name] is not None else (
                 "cold_loads" if st is admitted else "prefetches")
@@ -849,6 +895,9 @@ class VariantCache:
         entry = _Entry(st.name, cand, session)
         with self._lock:
             old = st.current
+            if kind in ("cold_loads", "prefetches"):  # newly resident (a swap keeps its place)
+                self._since += 1
+                st.since = self._since
             st.current = entry
             self._counts[kind] += 1
             release = self._retire(old) if old is not None else None

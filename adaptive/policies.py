@@ -23,17 +23,26 @@ the most accurate eligible one that fits, so they serve whatever can be served a
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from adaptive.admission import (
+    Ladders,
+    Move,
+    Rates,
+    ReplanSchedule,
+    admit,
+    apply_targets,
+    plan_targets,
+    shed,
+    worth_applying,
+)
 from adaptive.errors import AdaptiveError
-from adaptive.select import ModelDemand, select
+from adaptive.select import ModelDemand
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +70,21 @@ class CacheState:
     """
 
     def __init__(self, demands: Sequence[ModelDemand], budget: int):
-        self.demands = tuple(demands)
-        self.names = [d.model for d in self.demands]
-        self.n = len(self.demands)
-        self.mem = [[int(c.memory_bytes) for c in d.candidates] for d in self.demands]
-        self.acc = [[float(c.accuracy) for c in d.candidates] for d in self.demands]
+        lad = Ladders(demands)
+        #: the static facts the variant-aware decisions use (see :mod:`adaptive.admission`)
+        self.ladders = lad
+        self.demands = lad.demands
+        self.names = lad.names
+        self.n = lad.n
+        self.mem = lad.mem
+        self.acc = lad.acc
         self.lat = [[float(c.latency_s) for c in d.candidates] for d in self.demands]
         self.load_s = [[float(c.load_s) for c in d.candidates] for d in self.demands]
         self.floor = [float(d.floor) for d in self.demands]
-        self.eligible: list[list[int]] = []
-        self.ladder: list[list[int]] = []
-        for d in self.demands:
-            elig = [k for k, c in enumerate(d.candidates) if c.accuracy >= d.floor]
-            self.eligible.append(elig)
-            rung: list[int] = []
-            for k in sorted(elig, key=lambda k, d=d: (d.candidates[k].memory_bytes,
-                                                      -d.candidates[k].accuracy,
-                                                      d.candidates[k].variant)):
-                if not rung or d.candidates[k].accuracy > d.candidates[rung[-1]].accuracy:
-                    rung.append(k)
-            self.ladder.append(rung)
+        self.eligible = lad.eligible
+        self.ladder = lad.ladder
         #: smallest eligible memory per model (inf when nothing meets the floor)
-        self.min_mem = [self.mem[m][r[0]] if r else math.inf
-                        for m, r in enumerate(self.ladder)]
+        self.min_mem = lad.min_mem
         self.res = [-1] * self.n
         self.ready_at = [0.0] * self.n
         self.resident: dict[int, None] = {}  # insertion-ordered set of resident models
@@ -96,11 +97,7 @@ class CacheState:
 
     def best_fit(self, m: int, limit: float) -> int:
         """The most accurate eligible candidate of ``m`` taking at most ``limit`` bytes, or -1."""
-        mem = self.mem[m]
-        for k in reversed(self.ladder[m]):
-            if mem[k] <= limit:
-                return k
-        return -1
+        return self.ladders.best_fit(m, limit)
 
     @property
     def free(self) -> int:
@@ -423,18 +420,20 @@ class INFaaSPolicy(_LRUOrder, WholeModelPolicy):
 class MemAdaptPolicy(Policy):
     """Variant-aware caching: downgrade residents before evicting anything.
 
-    Rates: each model keeps an exponentially decayed request count (time constant ``tau_s``),
-    updated in O(1) per request; ``log(count) + t_last/tau`` orders models by current rate
-    without touching the others, so the coldest resident is a ``min``.
+    The decisions are :mod:`adaptive.admission`'s, the same that :class:`adaptive.VariantCache`
+    makes (so a replay of a trace through both can be compared), summarised here:
+
+    Rates: each model keeps an exponentially decayed request count (time constant ``tau_s``).
 
     Plans: every ``tick_s`` the rates are compared with those of the last plan; when they
     drifted by more than ``hysteresis`` (L1, relative), or ``replan_s`` passed, or the budget
     changed, :func:`adaptive.select` (objective ``"misses"``: serve the most requests from
     memory, then the most accurate) gives each model a target variant. Re-plans are throttled
     to one per ``min_replan_s`` except on budget changes. A plan is applied to resident models
-    only: downgrades at once, then upgrades (hottest first) into free memory, shrinking models
-    the plan left out to their smallest variant to make room. A plan never evicts and never
-    loads a model nobody asked for (no prefetching), so misses stay comparable with the
+    only when the residency it leads to serves more (by more than the fraction ``gain``):
+    downgrades at once, then upgrades (hottest first) into free memory, shrinking models the
+    plan left out to their smallest variant to make room. A plan never evicts and, unless
+    ``prefetch``, never loads a model nobody asked for, so misses stay comparable with the
     demand-loading baselines.
 
     Misses: the requested model is loaded at the best variant that fits in free memory if that
@@ -447,48 +446,29 @@ class MemAdaptPolicy(Policy):
     variant_aware = True
 
     def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, replan_s: float = 300.0,
-                 min_replan_s: float = 30.0, hysteresis: float = 0.25,
-                 exact: bool | None = None):
+                 min_replan_s: float = 30.0, hysteresis: float = 0.25, gain: float = 0.0,
+                 prefetch: bool = False, exact: bool | None = None):
         for k, v in (("tau_s", tau_s), ("tick_s", tick_s)):
             if not v > 0:
                 raise PolicyError(f"memadapt: {k} must be > 0, got {v!r}")
-        if replan_s < 0 or min_replan_s < 0 or hysteresis < 0:
-            raise PolicyError("memadapt: replan_s, min_replan_s and hysteresis must be >= 0")
+        if replan_s < 0 or min_replan_s < 0 or hysteresis < 0 or gain < 0:
+            raise PolicyError("memadapt: replan_s, min_replan_s, hysteresis and gain must be "
+                              ">= 0")
         self.tau_s = float(tau_s)
-        self.tick_s = float(tick_s)
-        self.replan_s = float(replan_s)
-        self.min_replan_s = float(min_replan_s)
-        self.hysteresis = float(hysteresis)
+        self.gain = float(gain)
+        self.prefetch = bool(prefetch)
         self.exact = exact
+        #: when request arrivals re-plan; a VariantCache given it re-plans the same way
+        self.schedule = ReplanSchedule(tick_s=float(tick_s), min_interval_s=float(min_replan_s),
+                                       max_interval_s=float(replan_s), drift=float(hysteresis))
 
     def reset(self, cache: CacheState, *, seed: int = 0, future: np.ndarray | None = None) -> None:
         super().reset(cache, seed=seed)
-        n = cache.n
-        self._cnt = [0.0] * n
-        self._last = [0.0] * n
-        self._key = [-math.inf] * n  # log(decayed count) + t_last / tau
-        # ladder position of each candidate (-1 when off the ladder) and ladder memory/accuracy
-        self._pos_of = []
-        self._lmem = []
-        self._lacc = []
-        self._step = []  # log(accuracy lost / bytes freed) stepping down from ladder pos k
-        for m in range(n):
-            lad = cache.ladder[m]
-            pos = [-1] * len(cache.mem[m])
-            for k, cand in enumerate(lad):
-                pos[cand] = k
-            self._pos_of.append(pos)
-            lm = [cache.mem[m][k] for k in lad]
-            la = [cache.acc[m][k] for k in lad]
-            self._lmem.append(lm)
-            self._lacc.append(la)
-            self._step.append([math.inf] + [
-                math.log(max(la[k] - la[k - 1], 1e-12) / max(lm[k] - lm[k - 1], 1))
-                for k in range(1, len(lad))])
-        self._target = [-1] * n  # ladder position the current plan wants, -1: none
-        self._plan_rates: list[float] | None = None
-        self._last_plan = -math.inf
-        self._next_tick = self.tick_s
+        self._lad = cache.ladders
+        self._rates = Rates(cache.n, self.tau_s)
+        self._seen = self._rates.seen
+        self._timer = self.schedule.timer()
+        self._target = [-1] * cache.n  # ladder rung the current plan wants, -1: none
         self.replans = 0
         self.downgrades = 0
         self.upgrades = 0
@@ -497,178 +477,67 @@ class MemAdaptPolicy(Policy):
         return {"replans": self.replans, "downgrades": self.downgrades,
                 "upgrades": self.upgrades}
 
-    # -- rates ---------------------------------------------------------------------------------
-
-    def _seen(self, t: float, m: int) -> None:
-        c = self._cnt[m] * math.exp((self._last[m] - t) / self.tau_s) + 1.0
-        self._cnt[m] = c
-        self._last[m] = t
-        self._key[m] = math.log(c) + t / self.tau_s
-
     def rates(self, t: float) -> list[float]:
         """Current decayed request rate of every model (requests per second)."""
-        tau = self.tau_s
-        return [c * math.exp((last - t) / tau) / tau for c, last in zip(self._cnt, self._last)]
-
-    def _tick(self, t: float) -> None:
-        self._next_tick = (math.floor(t / self.tick_s) + 1) * self.tick_s
-        if t - self._last_plan < self.min_replan_s:
-            return
-        rates = self.rates(t)
-        old = self._plan_rates
-        if old is None or t - self._last_plan >= self.replan_s:
-            self._replan(t, rates)
-            return
-        total = sum(old)
-        drift = sum(abs(a - b) for a, b in zip(rates, old))
-        if drift > self.hysteresis * max(total, 1e-12):
-            self._replan(t, rates)
+        return self._rates.rates(t)
 
     # -- protocol ------------------------------------------------------------------------------
 
     def on_hit(self, i: int, t: float, m: int) -> None:
-        self._seen(t, m)
-        if t >= self._next_tick:
+        self._seen(m, t)
+        if self._timer.due(t):
             self._tick(t)
 
     def on_miss(self, i: int, t: float, m: int) -> int:
-        self._seen(t, m)
-        if t >= self._next_tick:
+        self._seen(m, t)
+        if self._timer.due(t):
             self._tick(t)
-        return self._admit(t, m)
+        c = self.cache
+        moves, v = admit(self._lad, m, c.res, c.resident, c.budget - c.used, self._rates.key,
+                         self._target[m])
+        self._do(moves, t)
+        c.load(m, v, t)
+        return v
 
     def on_budget(self, t: float, budget: int) -> None:
         c = self.cache
-        if c.used > budget:
-            self._shed(t, 0, exclude=-1)
+        self._do(shed(self._lad, c.res, c.resident, budget - c.used, self._rates.key), t)
         self._replan(t, self.rates(t))
 
     # -- mechanics -----------------------------------------------------------------------------
 
-    def _reclaimable(self, exclude: int) -> int:
-        c = self.cache
-        total = 0
-        for r in c.resident:
-            if r != exclude:
-                total += c.mem[r][c.res[r]] - self._lmem[r][0]
-        return total
+    def _tick(self, t: float) -> None:
+        rates = self._timer.check(t, lambda: self._rates.rates(t))
+        if rates is not None:
+            self._replan(t, rates)
 
-    def _shed(self, t: float, need: int, exclude: int) -> None:
-        """Free memory until ``need`` bytes are free: evict the coldest residents only as far as
-        downgrading everyone else could not make room, then downgrade cheapest-first."""
+    def _do(self, moves: list[Move], t: float) -> None:
         c = self.cache
-        reclaim = self._reclaimable(exclude)
-        key = self._key
-        while c.budget - c.used + reclaim < need:
-            victim = min((r for r in c.resident if r != exclude), key=key.__getitem__)
-            reclaim -= c.mem[victim][c.res[victim]] - self._lmem[victim][0]
-            c.evict(victim)
-        self._downgrade_until(t, need, exclude)
-
-    def _downgrade_until(self, t: float, need: int, exclude: int) -> bool:
-        c = self.cache
-        key, step, pos_of, lad = self._key, self._step, self._pos_of, c.ladder
-        while c.budget - c.used < need:
-            best, best_cost = -1, math.inf
-            for r in c.resident:
-                if r == exclude:
-                    continue
-                k = pos_of[r][c.res[r]]
-                if k > 0:
-                    cost = key[r] + step[r][k]
-                    if cost < best_cost:
-                        best, best_cost = r, cost
-            if best < 0:
-                return False
-            c.swap(best, lad[best][pos_of[best][c.res[best]] - 1], t)
-            self.downgrades += 1
-        return True
-
-    def _admit(self, t: float, m: int) -> int:
-        c = self.cache
-        lm = self._lmem[m]
-        want = max(self._target[m], 0)
-        free = c.budget - c.used
-        kfree = -1
-        for k in range(len(lm) - 1, -1, -1):
-            if lm[k] <= free:
-                kfree = k
-                break
-        if kfree < want:
-            room = free + self._reclaimable(m)
-            k = want
-            while k > kfree and lm[k] > room:
-                k -= 1
-            if k < 0:  # even all others at their smallest leave too little: evict
-                k = 0
-                self._shed(t, lm[0], exclude=m)
-            elif k > kfree:
-                self._downgrade_until(t, lm[k], exclude=m)
-            kfree = k
-        v = c.ladder[m][kfree]
-        c.load(m, v, t)
-        return v
+        lmem, pos_of = self._lad.lmem, self._lad.pos_of
+        for mv in moves:
+            m, v = mv.model, mv.variant
+            if v < 0:
+                c.evict(m)
+            elif c.res[m] < 0:
+                c.load(m, v, t)
+            else:
+                if lmem[m][pos_of[m][v]] < lmem[m][pos_of[m][c.res[m]]]:
+                    self.downgrades += 1
+                else:
+                    self.upgrades += 1
+                c.swap(m, v, t)
 
     def _replan(self, t: float, rates: list[float]) -> None:
         c = self.cache
-        self._last_plan = t
-        self._plan_rates = rates
+        self._timer.planned(t, rates)
         self.replans += 1
-        demands = []
-        for m, d in enumerate(c.demands):
-            if c.min_mem[m] <= c.budget and rates[m] > 0:
-                demands.append(replace(d, rate=rates[m]))
-        resident = {c.names[r]: c.demands[r].candidates[c.res[r]].variant for r in c.resident
-                    if c.min_mem[r] <= c.budget and rates[r] > 0}
-        target = [-1] * c.n
-        if demands:
-            try:
-                plan = select(demands, c.budget, objective="misses", exact=self.exact,
-                              resident=resident)
-            except AdaptiveError as e:  # keep serving on the old targets rather than fail
-                log.warning("memadapt: re-plan at t=%.3f failed: %s", t, e)
-                return
-            index = {name: m for m, name in enumerate(c.names)}
-            for name, variant in plan.choice.items():
-                if variant is None:
-                    continue
-                m = index[name]
-                cand = next(k for k, x in enumerate(c.demands[m].candidates)
-                            if x.variant == variant)
-                # a dominated choice maps to the ladder rung that is as small and as accurate
-                k = self._pos_of[m][cand]
-                if k < 0:
-                    lm = self._lmem[m]
-                    k = max(j for j in range(len(lm)) if lm[j] <= c.mem[m][cand])
-                target[m] = k
-        self._target = target
-        self._apply(t, rates)
-
-    def _apply(self, t: float, rates: list[float]) -> None:
-        c = self.cache
-        lad, pos_of, target = c.ladder, self._pos_of, self._target
-        ups = []
-        for r in list(c.resident):
-            k = pos_of[r][c.res[r]]
-            want = target[r]
-            if want < 0:
-                continue
-            if want < k:
-                c.swap(r, lad[r][want], t)
-                self.downgrades += 1
-            elif want > k:
-                ups.append(r)
-        if not ups:
+        target = plan_targets(self._lad, rates, c.res, c.resident, c.budget, objective="misses",
+                              exact=self.exact)
+        if target is None:  # keep serving on the old targets rather than fail
             return
-        spare = sorted((r for r in c.resident if target[r] < 0 and pos_of[r][c.res[r]] > 0),
-                       key=self._key.__getitem__)
-        for r in sorted(ups, key=rates.__getitem__, reverse=True):
-            new = lad[r][target[r]]
-            need = c.mem[r][new] - c.mem[r][c.res[r]]
-            while c.budget - c.used < need and spare:
-                s = spare.pop(0)
-                c.swap(s, lad[s][0], t)
-                self.downgrades += 1
-            if c.budget - c.used >= need:
-                c.swap(r, new, t)
-                self.upgrades += 1
+        self._target = target
+        moves = apply_targets(self._lad, target, c.res, c.resident, c.budget - c.used, rates,
+                              self._rates.key, prefetch=self.prefetch)
+        if moves and worth_applying(self._lad, c.res, c.resident, moves, rates,
+                                    hysteresis=self.gain, objective="misses"):
+            self._do(moves, t)

@@ -18,6 +18,7 @@ import pytest
 
 import variants
 from adaptive import InfeasibleBudget
+from adaptive.admission import ReplanSchedule
 from adaptive.budget import (
     BudgetError,
     BudgetSource,
@@ -338,6 +339,106 @@ def test_keep_host_bytes_reloads_from_memory(store, refs):
     assert cache.stats().host_bytes == size + store.get("resnet10+fp16").bytes
     cache.close()
     assert cache.stats().host_bytes == 0
+
+
+# --- the simulator's decisions ----------------------------------------------------------------
+
+class _Null:
+    """A session that costs nothing: for checking decisions, not outputs."""
+
+    def run(self, inputs):
+        return None
+
+    def close(self):
+        pass
+
+
+def test_aliases_serve_many_models_from_one_base(store, refs):
+    cands = {"a": CANDS["resnet10"], "b": CANDS["resnet10"], "c": CANDS["bert-tiny"]}
+    aliases = {"a": "resnet10", "b": "resnet10", "c": "bert-tiny"}
+    cache = make(store, budget=700, candidates=cands, aliases=aliases)
+    for m in ("a", "b"):
+        check(cache.infer(m, INPUTS["resnet10"][0]), refs)
+    check(cache.infer("c", INPUTS["bert-tiny"][0]), refs)
+    # each alias has its own session and memory: three models do not fit at their best
+    assert set(cache.resident()) == {"a", "b", "c"} and cache.resident_bytes() <= 700
+    assert cache.stats().downgrades >= 1
+    cache.close()
+    with pytest.raises(AdaptiveError, match="belongs to model 'bert-tiny', not 'resnet10'"):
+        make(store, candidates={"a": CANDS["bert-tiny"]}, aliases={"a": "resnet10"})
+    with pytest.raises(AdaptiveError, match="no candidates"):
+        make(store, candidates=cands, aliases={"zzz": "resnet10"})
+
+
+def test_schedule_replans_on_requests_in_clock_time(store):
+    clock = FakeClock()
+    schedule = ReplanSchedule(tick_s=10.0, min_interval_s=0.0, max_interval_s=1000.0, drift=0.25)
+    cache = make(store, budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock,
+                 loader=lambda *a: _Null(), schedule=schedule)
+    for _ in range(10):
+        cache.infer("resnet10", None)
+    cache.infer("bert-tiny", None)
+    assert cache.resident() == {"resnet10": "resnet10", "bert-tiny": "bert-tiny+int8"}
+    clock.t = 100.0  # bert-tiny gets busy; the first request after the tick re-plans
+    cache.infer("bert-tiny", None)
+    assert cache.resident() == {"resnet10": "resnet10+fp16", "bert-tiny": "bert-tiny"}
+    assert cache.stats().rebalances == 1
+    cache.close()
+
+
+def test_without_prefetch_a_replan_loads_nothing(store):
+    cache = make(store, budget=SMALLEST_SET - 20, prefetch=False, hysteresis=0.0,
+                 loader=lambda *a: _Null())
+    for m in CANDS:
+        cache.infer(m, None)
+    assert len(cache.resident()) == 2
+    cache.set_budget(EVERYTHING)
+    s = cache.stats()
+    assert len(cache.resident()) == 2 and s.prefetches == 0 and s.upgrades == 2
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", ["zipf", "bursty"])
+def test_decisions_match_the_simulators_memadapt(store, kind):
+    """Driven by the same trace, clock and budget changes, the cache makes exactly the
+    simulator's memadapt decisions (misses, evictions, downgrades, upgrades)."""
+    from adaptive.policies import get_policy
+    from adaptive.select import ModelDemand
+    from adaptive.simulate import simulate
+    from adaptive.traces import BudgetTrace, synth
+
+    bases = list(CANDS)
+    names = [f"m{i}" for i in range(9)]
+    cands = {n: CANDS[bases[i % 3]] for i, n in enumerate(names)}
+    aliases = {n: bases[i % 3] for i, n in enumerate(names)}
+    floors = {"m0": 0.93, "m4": 0.9}
+    demands = [ModelDemand(n, cands[n], floor=floors.get(n, 0.0)) for n in names]
+    tr = synth(kind, names, 3000, seed=3, duration_s=1800)
+    budget = BudgetTrace(np.array([0.0, 400.0, 800.0, 1200.0, 1500.0]),
+                         np.array([2000, 900, 1500, 3200, 700]))
+    pol = get_policy("memadapt")
+    sim = simulate(tr, demands, pol, budget)
+    assert sim.rejected == 0
+
+    clock = FakeClock()
+    cache = make(store, budget=2000, candidates=cands, aliases=aliases, floors=floors,
+                 loader=lambda *a: _Null(), clock=clock, ewma_halflife_s=pol.tau_s * np.log(2),
+                 hysteresis=pol.gain, prefetch=pol.prefetch, schedule=pol.schedule)
+    changes = list(zip(budget.timestamps.tolist()[1:], budget.budget_bytes.tolist()[1:]))
+    for t, k in zip(tr.timestamps.tolist(), tr.model.tolist()):
+        while changes and t >= changes[0][0]:
+            clock.t, b = changes.pop(0)
+            cache.set_budget(b)
+            assert cache.resident_bytes() <= b
+        clock.t = t
+        cache.infer(tr.models[k], None)
+    s = cache.stats()
+    cache.close()
+    assert s.failures == 0
+    assert (s.misses, s.evictions) == (sim.misses, sim.evictions)
+    assert (s.downgrades, s.upgrades) == (sim.policy_stats["downgrades"],
+                                          sim.policy_stats["upgrades"])
+    assert s.downgrades > 0 and s.evictions > 0 and s.upgrades > 0
 
 
 # --- concurrency -----------------------------------------------------------------------------

@@ -226,6 +226,27 @@ def test_memadapt_upgrades_when_the_budget_returns(population):
     assert up.mean_accuracy > flat.mean_accuracy
 
 
+def test_admission_decisions_name_each_model_once():
+    """The shared decisions (adaptive.admission): a two-rung downgrade is one move, and the
+    coldest resident is evicted only when downgrading everyone cannot make room."""
+    from adaptive.admission import Ladders, Move, admit, shed
+
+    lad = Ladders([
+        ModelDemand("A", [Candidate("a3", 100, 0.9), Candidate("a2", 60, 0.8),
+                          Candidate("a1", 20, 0.7)]),
+        ModelDemand("B", [Candidate("b", 120, 0.9)]),
+        ModelDemand("C", [Candidate("c", 30, 0.9)]),
+    ])
+    assert lad.ladder[0] == [2, 1, 0] and lad.min_mem == [20, 120, 30]
+    moves, v = admit(lad, 1, [0, -1, -1], [0], 50, [0.0, 0.0, 0.0])
+    assert (moves, v) == ([Move(0, 2)], 0)  # A straight to a1: 130 bytes free
+    # C resident and colder than A: too little room even with A at a1, so C goes
+    moves, v = admit(lad, 1, [0, -1, 0], [0, 2], 20, [1.0, 0.0, -1.0])
+    assert (moves, v) == ([Move(2, -1), Move(0, 2)], 0)
+    assert shed(lad, [0, -1, 0], [0, 2], -50, [1.0, 0.0, 2.0]) == [Move(0, 2)]
+    assert shed(lad, [0, -1, 0], [0, 2], 10, [0.0, 0.0, 0.0]) == []
+
+
 # --- policies compared ------------------------------------------------------------------------
 
 

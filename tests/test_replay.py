@@ -1,0 +1,122 @@
+"""Real replay of a short trace through the VariantCache beside the simulator.
+
+A small profiled store (resnet10 and bert-tiny, each with an int8 variant); six trace models
+are backed by its two models, and the budget holds fewer than all of them at their best, so
+the replay sees misses, evictions and downgrades.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import profiler
+import variants
+from adaptive.catalog import demands_from_catalog
+from adaptive.errors import AdaptiveError
+from adaptive.replay import ReplayMetric, replay
+from adaptive.traces import RequestTrace, synth, write_requests
+from cli import main
+
+TRACE_MODELS = [f"svc{i}" for i in range(6)]
+VARIANTS = ["resnet10", "resnet10+int8", "bert-tiny", "bert-tiny+int8"]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store, tmp_path_factory):
+    """The shared tiny store's resnet10/bert-tiny variants, profiled at batch 1 on one thread
+    (fidelity on random inputs is the quality floors compare with)."""
+    root = tmp_path_factory.mktemp("replay_store")
+    for name in VARIANTS:
+        shutil.copytree(tiny_store.variant_dir(name), root / "variants" / name)
+    st = variants.Store(root)
+    profiler.profile(st, batches=(1,), runs=5, warmup=2, eval="random", threads=1)
+    return st
+
+
+@pytest.fixture(scope="module")
+def trace() -> RequestTrace:
+    return synth("zipf", TRACE_MODELS, 300, seed=1, duration_s=600)
+
+
+@pytest.fixture(scope="module")
+def budget(store) -> int:
+    """About 60% of what every trace model at its largest variant needs."""
+    fams = demands_from_catalog(store, batch=1)
+    assert {d.model for d in fams} == {"resnet10", "bert-tiny"}
+    per_family = sum(max(c.memory_bytes for c in d.candidates) for d in fams)
+    return int(0.6 * per_family * len(TRACE_MODELS) / len(fams))
+
+
+def test_replay_matches_the_simulator(store, trace, budget):
+    report = replay(store, trace, budget=budget)
+    assert report.failures == 0 and report.rejected == 0 and not report.errors
+    assert report.served == report.requests == len(trace)
+    assert set(report.models) == set(TRACE_MODELS)
+    assert set(report.models.values()) == {"resnet10", "bert-tiny"}
+    miss = report.metric("miss_rate")
+    assert miss.simulated > 0.02  # the budget forces misses
+    assert abs(miss.real - miss.simulated) <= max(0.1 * miss.simulated, 0.01)
+    # the same decisions, not just the same rates: every eviction and swap agrees
+    for name in ("evictions", "downgrades", "upgrades", "mean_accuracy"):
+        m = report.metric(name)
+        assert m.real == pytest.approx(m.simulated), name
+    assert report.metric("evictions").real > 0
+    assert report.real_counts["misses"] == report.simulated.misses
+    # latency is measured on a shared machine: only the order of magnitude is asserted
+    lat = report.metric("mean_latency_s")
+    assert 0.5 <= lat.real / lat.simulated <= 2.0, lat
+    d = json.loads(json.dumps(report.to_dict()))
+    assert {m["name"] for m in d["metrics"]} >= {"miss_rate", "mean_latency_s", "p99_latency_s"}
+
+
+def test_max_requests_floors_and_errors(store, trace, budget):
+    # bert-tiny's int8 variant (fidelity just under 1) is below a floor of 1.0: the trace
+    # models it backs may only run the base, except svc0, whose own floor overrides
+    report = replay(store, trace, budget=budget, max_requests=80,
+                    floors={"bert-tiny": 1.0, "svc0": 0.0})
+    assert report.requests == 80 and report.failures == 0
+    for name in ("miss_rate", "evictions", "downgrades", "mean_accuracy"):
+        m = report.metric(name)
+        assert m.real == pytest.approx(m.simulated), name
+    with pytest.raises(AdaptiveError, match="neither trace models nor profiled"):
+        replay(store, trace, budget=budget, floors={"nope": 0.5})
+    big = RequestTrace.from_names([0.0], ["svc0"], batch=[2])
+    with pytest.raises(AdaptiveError, match="batch 2, more than batch=1"):
+        replay(store, big, budget=budget)
+
+
+def test_relative_difference():
+    assert ReplayMetric("x", 2.0, 3.0).difference == pytest.approx(0.5)
+    assert ReplayMetric("x", 0.0, 0.0).difference == 0.0
+    assert math.isinf(ReplayMetric("x", 0.0, 1.0).difference)
+
+
+def test_cli_prints_the_side_by_side_table(store, trace, budget, tmp_path):
+    path = tmp_path / "t.csv"
+    write_requests(trace, path)
+    runner = CliRunner()
+    r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
+                             "--budget", f"{budget}B", "--max-requests", "120"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for word in ("metric", "simulated", "real", "difference", "miss rate", "mean latency",
+                 "p99 latency", "120 served, 0 failed"):
+        assert word in r.output, word
+    r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
+                             "--budget", f"{budget}B", "--max-requests", "60", "--floor",
+                             "0.5", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["requests"] == 60 and out["failures"] == 0
+    miss = next(m for m in out["metrics"] if m["name"] == "miss_rate")
+    assert miss["real"] == pytest.approx(miss["simulated"])
+    r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
+                             "--budget", "1B", "--max-requests", "120"])
+    assert r.exit_code == 0, r.output  # nothing fits: every request fails, the report says so
+    assert "0 served, 120 failed, 120 rejected" in r.output
+    assert "InfeasibleBudget" in r.output
