@@ -21,14 +21,18 @@ def test_text_corpus_is_builtin_and_deterministic():
     assert all(isinstance(t, str) and len(t) >= 30 for t in a.inputs)
 
 
-def test_user_npz_is_split_80_20(tmp_path):
+def test_user_npz_trains_on_80_and_holds_out_20(tmp_path):
     x = np.random.default_rng(0).random((50, 1, 8, 8)).astype(np.float32)
     y = np.arange(50) % 10
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    tr, ev = load_data(str(tmp_path / "d.npz"), "train"), load_data(str(tmp_path / "d.npz"),
-                                                                    "eval")
-    assert (len(tr), len(ev)) == (40, 10)
-    assert len(load_data(str(tmp_path / "d.npz"), "calib")) == 50
+    path = str(tmp_path / "d.npz")
+    tr, ho = load_data(path, "train"), load_data(path, "heldout")
+    assert (len(tr), len(ho)) == (40, 10)
+    assert sorted([*tr.inputs[:, 0, 0, 0],
+                                                           *ho.inputs[:, 0, 0, 0]]) == \
+        sorted(x[:, 0, 0, 0])
+    # a file given for evaluation or calibration is used whole
+    assert len(load_data(path, "eval")) == len(load_data(path, "calib")) == 50
 
 
 @pytest.mark.parametrize("content,needle", [

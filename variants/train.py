@@ -27,7 +27,7 @@ class TrainResult:
     weights: Path | None
 
 
-def evaluate(module, family, arch, source: str = "digits", split: str = "eval",
+def evaluate(module, family, arch, source: str = "digits", split: str = "heldout",
              batch: int = 128) -> float:
     """Top-1 accuracy of a torch module on a labelled split."""
     import torch
