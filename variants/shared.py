@@ -1,0 +1,454 @@
+"""Shared tensors for the torch backend: a content-hashed pool and in-place exit moves.
+
+Multi-model hosting (DESIGN.md): several torch modules in one process hold every
+identical tensor once. :class:`TensorPool` keys each tensor by its content (dtype,
+shape and a SHA-256 of its bytes) and counts the modules using it, so two task models
+on one frozen backbone, or a model and its early-exit variants, cost one backbone::
+
+    pool = TensorPool()
+    a, ha = pool.load("bert", arch_a, "a/weights.safetensors")   # streams, dedups
+    b, hb = pool.add(other_module)                                # dedups in place
+    pool.bytes()                                                  # unique bytes held
+    pool.transition_cost([ha], b_tensors)                         # bytes freed / needed
+    pool.release(ha)                                              # frees what only a used
+
+Memory-adaptive models: an exit@k variant is a prefix of the full model plus a small
+head (its backbone is frozen, so the prefix tensors are the full model's).
+:func:`downgrade_in_place` turns a resident full model into its exit@k variant from
+the full model's own layers and a head already in memory: nothing is loaded, the tail
+is dropped. :func:`upgrade_in_place` goes back, reading only the tail's tensors from
+the full variant's safetensors file (``safetensors.safe_open``, key by key).
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from variants.errors import StoreError
+
+__all__ = [
+    "PoolHandle", "TensorKey", "TensorPool", "Transition", "downgrade_in_place",
+    "empty_parameters", "exit_head_keys", "load_exit_head", "module_tensors", "tensor_bytes",
+    "tensor_key", "upgrade_in_place",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ---- content keys ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorKey:
+    """What makes two tensors interchangeable: dtype, shape and the hash of their bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+    nbytes: int
+
+
+def tensor_key(t) -> TensorKey:
+    """The content key of a tensor (its bytes are hashed on the CPU)."""
+    import torch
+
+    data = t.detach()
+    if data.device.type != "cpu":
+        data = data.cpu()
+    data = data.contiguous()
+    h = hashlib.sha256()
+    h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    if data.numel():
+        h.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    return TensorKey(str(data.dtype), tuple(data.shape), h.hexdigest(),
+                     data.numel() * data.element_size())
+
+
+def tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def module_tensors(module) -> dict[str, Any]:
+    """Every parameter and buffer of ``module`` by dotted name (tied ones under each name,
+    non-persistent buffers included)."""
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _set_tensor(module, name: str, tensor) -> None:
+    """Put ``tensor`` in the parameter or buffer slot ``name`` (a Parameter sharing its
+    storage for a parameter slot; no copy)."""
+    from torch import nn
+
+    owner, _, leaf = name.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    if leaf in sub._parameters:
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        sub._parameters[leaf] = tensor
+    elif leaf in sub._buffers:
+        sub._buffers[leaf] = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    else:
+        raise KeyError(f"{name!r} is neither a parameter nor a buffer of {type(sub).__name__}")
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Build modules whose *parameters* are on the meta device (no memory, no init cost);
+    buffers stay real, because non-persistent ones (BERT's ``position_ids``) are not in
+    any weights file. Patches ``nn.Module.register_parameter`` for the duration: the
+    same trick as ``accelerate.init_empty_weights(include_buffers=False)``."""
+    from torch import nn
+
+    with _PATCH_LOCK:
+        original = nn.Module.register_parameter
+
+        def register(self, name, param):
+            original(self, name, param)
+            if param is not None and param.device.type != "meta":
+                kind = type(self._parameters[name])
+                self._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+        nn.Module.register_parameter = register
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original
+
+
+def _skeleton(family, arch: dict):
+    """``family.rebuild(arch)`` with meta parameters."""
+    from variants.families import get_family
+
+    fam = get_family(family) if isinstance(family, str) else family
+    with empty_parameters():
+        return fam.rebuild(arch)
+
+
+def _meta_names(module) -> list[str]:
+    return [n for n, t in module_tensors(module).items() if t.device.type == "meta"]
+
+
+# ---- the pool --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Transition:
+    """What replacing some modules by others costs in the pool."""
+
+    freed_bytes: int
+    needed_bytes: int
+
+
+@dataclass(eq=False)
+class PoolHandle:
+    """One module registered in a :class:`TensorPool`: the content keys it uses."""
+
+    name: str
+    keys: frozenset[TensorKey]
+    released: bool = field(default=False)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the distinct tensors this module uses (shared ones included)."""
+        return sum(k.nbytes for k in self.keys)
+
+
+class _Entry:
+    __slots__ = ("tensor", "refs")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.refs = 0
+
+
+class TensorPool:
+    """Content-addressed tensors shared by the modules loaded or added through it.
+
+    Each distinct tensor is held once, with a count of the modules using it;
+    :meth:`release` drops what no other module uses. The pool owns one lock; a module's
+    slots are rewired under it, so do not run a module while it is being added.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._entries: dict[TensorKey, _Entry] = {}
+        self._lock = threading.Lock()
+        self._count = 0
+
+    # -- registering modules ---------------------------------------------------------------
+
+    def add(self, module, name: str | None = None) -> tuple[Any, PoolHandle]:
+        """Rewire ``module``'s parameters and buffers to pooled tensors (in place): each
+        tensor whose content is already pooled is replaced by the pooled one (its own copy
+        becomes garbage), the others join the pool. Returns ``(module, handle)``."""
+        tensors = module_tensors(module)
+        keyed = {n: tensor_key(t) for n, t in tensors.items() if t.device.type != "meta"}
+        if len(keyed) != len(tensors):
+            raise ValueError(f"module has meta tensors {_meta_names(module)[:5]}; load their "
+                             f"values first (TensorPool.load builds and fills a skeleton)")
+        with self._lock:
+            for n, key in keyed.items():
+                _set_tensor(module, n, self._acquire(key, tensors[n]))
+            return module.to(self.device), self._register(name, keyed.values())
+
+    def load(self, family, arch: dict, weights: str | Path, name: str | None = None
+             ) -> tuple[Any, PoolHandle]:
+        """Build ``family``'s module for ``arch`` with empty parameters and fill it from a
+        safetensors file one tensor at a time through the pool, so a tensor already held
+        costs only a transient read. Returns ``(module, handle)``."""
+        from safetensors import safe_open
+
+        module = _skeleton(family, arch)
+        slots = module_tensors(module)
+        keys, filled = [], set()
+        with safe_open(str(weights), framework="pt") as f:
+            for n in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if n not in slots:
+                    raise StoreError(f"{weights}: tensor {n!r} has no slot in the rebuilt "
+                                     f"{arch.get('model')!r}; the file does not match its arch")
+                t = f.get_tensor(n)
+                key = tensor_key(t)
+                with self._lock:  # own copy: a kept view would pin the whole file mapping
+                    _set_tensor(module, n, self._acquire(key, t, copy=True))
+                keys.append(key)
+                filled.add(n)
+        missing = _meta_names(module)
+        if missing:
+            raise StoreError(f"{weights} lacks {len(missing)} tensors of {arch.get('model')!r}, "
+                             f"e.g. {missing[:3]}")
+        with self._lock:  # tensors not in the file (non-persistent buffers) join too
+            for n, t in module_tensors(module).items():
+                if n not in filled:
+                    key = tensor_key(t)
+                    _set_tensor(module, n, self._acquire(key, t))
+                    keys.append(key)
+            handle = self._register(name, keys)
+        return module.eval(), handle
+
+    def release(self, handle: PoolHandle) -> int:
+        """Forget a module; returns the bytes of the tensors no other module uses (freed
+        once the caller drops the module too). Releasing twice is a ValueError."""
+        with self._lock:
+            if handle.released:
+                raise ValueError(f"pool handle {handle.name!r} was already released")
+            handle.released = True
+            freed = 0
+            for key in handle.keys:
+                e = self._entries[key]
+                e.refs -= 1
+                if e.refs == 0:
+                    del self._entries[key]
+                    freed += key.nbytes
+            return freed
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def bytes(self) -> int:
+        """Bytes of the distinct tensors the pool holds."""
+        with self._lock:
+            return sum(k.nbytes for k in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def refs(self, key: TensorKey) -> int:
+        e = self._entries.get(key)
+        return 0 if e is None else e.refs
+
+    def transition_cost(self, release: Iterable[Any], acquire: Any) -> Transition:
+        """Bytes freed by releasing the modules in ``release`` (handles) and bytes to load
+        for ``acquire`` (a handle, a module, a name -> tensor mapping or content keys):
+        freed counts the tensors only the released modules use and ``acquire`` does not
+        need; needed counts what ``acquire`` needs that the pool does not hold."""
+        rel = list(release)
+        want = _keys_of(acquire)
+        with self._lock:
+            dropping: dict[TensorKey, int] = {}
+            for h in rel:
+                for k in h.keys:
+                    dropping[k] = dropping.get(k, 0) + 1
+            freed = sum(k.nbytes for k, n in dropping.items()
+                        if k in self._entries and self._entries[k].refs == n and k not in want)
+            needed = sum(k.nbytes for k in want if k not in self._entries)
+        return Transition(freed, needed)
+
+    # -- internals (under the lock) --------------------------------------------------------
+
+    def _acquire(self, key: TensorKey, tensor, copy: bool = False):
+        e = self._entries.get(key)
+        if e is None:
+            t = tensor.detach()
+            if str(t.device) != self.device:
+                t = t.to(self.device)
+            elif copy:
+                t = t.clone()
+            e = self._entries[key] = _Entry(t)
+        return e.tensor
+
+    def _register(self, name: str | None, keys: Iterable[TensorKey]) -> PoolHandle:
+        self._count += 1
+        handle = PoolHandle(name or f"module{self._count}", frozenset(keys))
+        for k in handle.keys:
+            self._entries[k].refs += 1
+        return handle
+
+
+def _keys_of(x: Any) -> frozenset[TensorKey]:
+    if isinstance(x, PoolHandle):
+        return x.keys
+    if hasattr(x, "named_parameters"):
+        return frozenset(tensor_key(t) for t in module_tensors(x).values())
+    if isinstance(x, Mapping):
+        return frozenset(tensor_key(t) for t in x.values())
+    keys = frozenset(x)
+    if not all(isinstance(k, TensorKey) for k in keys):
+        raise TypeError("acquire must be a PoolHandle, an nn.Module, a name -> tensor mapping "
+                        "or TensorKeys")
+    return keys
+
+
+# ---- in-place downgrade / upgrade between a full model and its exit@k variant -----------------
+
+def _family(family):
+    from variants.families import get_family
+
+    return get_family(family) if isinstance(family, str) else family
+
+
+def exit_head_keys(family, exit_arch: dict) -> frozenset[str]:
+    """Names of the exit@k variant's head tensors: everything in it that is *not* the
+    full model's prefix (for a BERT classifier that includes its fine-tuned pooler and
+    classifier, whose names the full model also has)."""
+    skel = _skeleton(family, exit_arch)
+    ids = {id(p) for p in skel.head_parameters()}
+    return frozenset(n for n, p in skel.named_parameters(remove_duplicate=False) if id(p) in ids)
+
+
+def load_exit_head(family, exit_arch: dict, exit_weights: str | Path) -> dict[str, Any]:
+    """Read only the head tensors of a stored exit@k variant (a few linears: the part of
+    the variant a resident full model does not already hold)."""
+    from safetensors import safe_open
+
+    keys = exit_head_keys(family, exit_arch)
+    with safe_open(str(exit_weights), framework="pt") as f:
+        missing = keys - set(f.keys())
+        if missing:
+            raise StoreError(f"{exit_weights} lacks the exit head tensors {sorted(missing)[:3]}")
+        return {k: f.get_tensor(k) for k in sorted(keys)}
+
+
+def _cut_bert(module, at: int) -> None:
+    from torch import nn
+
+    bert = module.bert if hasattr(module, "bert") else module.model.bert
+    bert.encoder.layer = nn.ModuleList(list(bert.encoder.layer)[:at])
+    bert.config.num_hidden_layers = at
+
+
+# Family-specific surgery that leaves only the prefix in the module before the exit
+# adapter wraps it. ResNetExit picks its layers itself, so ResNet needs none.
+_PREFIX_CUTS = {"bert": _cut_bert}
+
+
+def _slots(module) -> list[tuple[Any, str, Any, bool]]:
+    """(owner module, leaf name, tensor, is parameter) for every slot holding a tensor:
+    one traversal, reused to find and to empty the slots."""
+    out = []
+    for m in module.modules():
+        out += [(m, k, t, True) for k, t in m._parameters.items() if t is not None]
+        out += [(m, k, t, False) for k, t in m._buffers.items() if t is not None]
+    return out
+
+
+def downgrade_in_place(full, family, exit_arch: dict, head: Mapping[str, Any]
+                       ) -> tuple[Any, int]:
+    """Turn a resident full model into its exit@k variant without loading anything.
+
+    The exit module is built from ``full``'s own submodules (its prefix tensors are the
+    very same objects) plus ``head`` (the head tensors, from :func:`load_exit_head`, kept
+    in memory while the model is resident). ``full`` is consumed: its tail tensors are
+    replaced by meta tensors so they are freed even if the caller still holds ``full``.
+    Returns ``(exit module in eval mode, bytes freed)``.
+    """
+    from variants.early_exit import EXIT_KEY, exit_adapter
+
+    fam = _family(family)
+    at = int(exit_arch[EXIT_KEY]["at"])
+    before = _slots(full)
+    cut = _PREFIX_CUTS.get(fam.name)
+    if cut is not None:
+        cut(full, at)
+    with empty_parameters():  # the head's fresh parameters cost nothing: head fills them
+        exit_mod = exit_adapter(fam.name).rebuild(full, exit_arch)
+    for name, t in head.items():
+        _set_tensor(exit_mod, name, t)
+    after = _slots(exit_mod)
+    missing = [k for _, k, t, _ in after if t.device.type == "meta"]
+    if missing:
+        raise ValueError(f"exit@{at}: no value for {missing[:3]}; pass the exit variant's "
+                         f"head tensors (load_exit_head)")
+    kept = {id(t) for _, _, t, _ in after}
+    kept_ptrs = {t.data_ptr() for _, _, t, _ in after}
+    freed: dict[int, int] = {}
+    for owner, leaf, t, is_param in before:
+        if id(t) in kept:
+            continue
+        if t.data_ptr() not in kept_ptrs:
+            freed[t.data_ptr()] = tensor_bytes(t)
+        slots = owner._parameters if is_param else owner._buffers
+        if slots.get(leaf) is not t:
+            continue  # the slot now holds a head tensor (a BERT classifier's pooler)
+        empty = t.detach().to("meta")
+        if is_param:
+            owner._parameters[leaf] = type(t)(empty, requires_grad=False)
+        else:
+            owner._buffers[leaf] = empty
+    for m in exit_mod.modules():  # new wrapper modules start in training mode
+        m.training = False
+    return exit_mod, sum(freed.values())
+
+
+def upgrade_in_place(exit_mod, family, full_arch: dict, full_weights: str | Path,
+                     head_keys: Iterable[str]) -> tuple[Any, list[str]]:
+    """Turn a resident exit@k module back into the full model, loading only the tail.
+
+    The full structure is built with empty parameters; every prefix tensor is taken from
+    ``exit_mod`` (shared, not copied) and only the remaining keys are read from the full
+    variant's safetensors file with ``safe_open``. ``head_keys`` are the exit head's
+    names (:func:`exit_head_keys`), never reused. Returns ``(full module, keys read)``.
+    """
+    from safetensors import safe_open
+
+    skel = _skeleton(family, full_arch)
+    slots = module_tensors(skel)
+    have = module_tensors(exit_mod)
+    head = frozenset(head_keys)
+    reused = set()
+    for name, t in have.items():
+        if name in head or name not in slots or tuple(slots[name].shape) != tuple(t.shape):
+            continue
+        _set_tensor(skel, name, t)
+        reused.add(name)
+    with safe_open(str(full_weights), framework="pt") as f:
+        # every stored tensor not reused: parameters and persistent buffers (BatchNorm
+        # statistics) alike, since the skeleton's buffers hold init values, not the model's
+        read = sorted(set(f.keys()) - reused)
+        for name in read:
+            _set_tensor(skel, name, f.get_tensor(name))
+    missing = _meta_names(skel)
+    if missing:
+        raise StoreError(f"{full_weights} lacks {missing[:3]}; is it the full variant of "
+                         f"this exit module?")
+    return skel.eval(), read
