@@ -22,7 +22,9 @@ a cache can hold them once.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from variants.data import load_data
+from variants.data import Dataset, load_data
 from variants.errors import DataError
 from variants.transforms import TransformContext
 
@@ -76,10 +78,12 @@ def recovery_defaults(family: str) -> RecoveryConfig:
     return _DEFAULTS.get(family, RecoveryConfig())
 
 
-# ResNet-18 on digits at 32x32: 300 steps of 64 images (16 epochs of the train split)
-# take about a minute on 2 cores once pruned; BERTs fine-tune with a small lr.
-register_recovery_defaults("resnet", RecoveryConfig(steps=300, batch=64, lr=1e-3, head_lr=3e-3))
-register_recovery_defaults("bert", RecoveryConfig(steps=300, batch=32, lr=1e-4, head_lr=1e-3,
+# Measured on 2 cores: ResNet-18 on digits at 32x32, 300 steps of 64 images (16 epochs of
+# the train split) take 35 s once pruned and bring prune0.5 back to 99% of base accuracy;
+# exit heads train on cached features in seconds. MiniLM prune0.5: 300 steps of 32 texts
+# take about 3.5 minutes; token cosine 0.55 -> 0.79 at lr 1e-4, 0.84 at 3e-4, 0.86 at 1e-3.
+register_recovery_defaults("resnet", RecoveryConfig(steps=300, batch=64, lr=1e-3, head_lr=1e-2))
+register_recovery_defaults("bert", RecoveryConfig(steps=300, batch=32, lr=3e-4, head_lr=1e-3,
                                                   weight_decay=0.01))
 
 
@@ -167,7 +171,7 @@ def _token_mask_index(family, arch) -> int | None:
     return names.index("attention_mask") if "attention_mask" in names else None
 
 
-def _labelled(teacher, ctx: TransformContext, raw: Iterable[tuple[tuple, Any]]) -> list[Batch]:
+def _with_teacher(teacher, ctx: TransformContext, raw: Iterable[tuple[tuple, Any]]) -> list[Batch]:
     import torch
 
     mask_at = _token_mask_index(ctx.family, ctx.base_arch)
@@ -190,11 +194,20 @@ def _raw_batches(ctx: TransformContext, split: str, batch: int):
         ds = load_data(source, split)
         if split == "eval":
             ds = ds.take(HELD_OUT_SAMPLES)
-        return [(fam.data_inputs(arch, x), y) for x, y in ds.batches(batch)]
+        return [(fam.data_inputs(arch, x), y) for x, y in _by_length(ds).batches(batch)]
     if split == "eval" and source == "random":
         return [(fam.example_inputs(arch, batch, seed=ctx.seed + 10_000 + i), None)
                 for i in range(_RANDOM_HELD_OUT_BATCHES)]
     return [(tuple(b), None) for b in ctx.calib]
+
+
+def _by_length(ds: Dataset) -> Dataset:
+    """Texts sorted by length, so a batch pads to similar lengths (about 2x fewer tokens)."""
+    if not len(ds) or not isinstance(ds.inputs[0], str):
+        return ds
+    order = sorted(range(len(ds)), key=lambda i: len(ds.inputs[i]))
+    labels = None if ds.labels is None else ds.labels[order]
+    return Dataset(ds.name, [ds.inputs[i] for i in order], labels)
 
 
 def teacher_batches(ctx: TransformContext, split: str, batch: int) -> list[Batch]:
@@ -210,7 +223,7 @@ def teacher_batches(ctx: TransformContext, split: str, batch: int) -> list[Batch
     if hit is None or hit[0] is not anchor:
         raw = [(tuple(b), None) for b in ctx.calib] if split == "calib" else \
             _raw_batches(ctx, split, batch)
-        hit = per_teacher[key] = (anchor, _labelled(ctx.base, ctx, raw))
+        hit = per_teacher[key] = (anchor, _with_teacher(ctx.base, ctx, raw))
     return hit[1]
 
 
@@ -280,7 +293,27 @@ class _Trainable:
 
 
 def _as_tuple(x) -> tuple:
+    """Stage outputs may be one tensor or a tuple (hidden states with their mask)."""
     return x if isinstance(x, tuple) else (x,)
+
+
+def _train_norm_only(student) -> None:
+    """Train mode for batch norms only: their statistics must follow the pruned channels,
+    but dropout would only blur the teacher signal the student is fitting."""
+    from torch import nn
+
+    student.eval()
+    for m in student.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+
+
+def _warmup_cosine(step: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over the first tenth, then cosine decay to 0."""
+    warm = max(1, steps // 10)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
 def distill(student, batches: list[Batch], objective: Objective, config: RecoveryConfig,
@@ -301,14 +334,14 @@ def distill(student, batches: list[Batch], objective: Objective, config: Recover
         params, lr = list(student.head_parameters()), config.head_lr
         forward = lambda i: student.forward_head(*feats[i])  # noqa: E731
     else:
-        student.train()
+        _train_norm_only(student)
         params, lr = list(student.parameters()), config.lr
         forward = lambda i: student(*batches[i].inputs)  # noqa: E731
     rng = np.random.default_rng(seed)
     with _Trainable(student, params):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
-                                                    pct_start=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(_warmup_cosine,
+                                                                     steps=steps))
         order: list[int] = []
         for step in range(steps):
             if not order:
