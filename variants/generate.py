@@ -128,10 +128,12 @@ def generate(model: str | None, store: Store | str, *,
     built: Built = fam.build(model, num_classes=num_classes, weights=weights,
                              pretrained=pretrained, **family_options)
     base_arch = built.arch
-    for chain in todo:  # validate exit points before any work
+    for chain in todo:  # validate exit points (and that the family can exit) before any work
         for s in chain:
             if isinstance(s, EarlyExit):
-                fam.check_exit(base_arch, s.at)
+                from variants.early_exit import check_exit
+
+                check_exit(fam, base_arch, s.at)
     base_name = name or model
     base_fp = fingerprint(built.module, base_arch)
     calib_source = calib or default_source(fam.name)
@@ -217,11 +219,9 @@ def generate(model: str | None, store: Store | str, *,
 
 
 def _task(fam, arch) -> str:
-    if fam.name == "bert":
-        return "classification" if arch.get("num_classes") else "embedding"
-    if fam.name == "custom":
-        return arch.get("task", "classification")
-    return fam.task
+    from variants.recover import task_kind
+
+    return task_kind(fam, arch)
 
 
 def _torch_parent(modules, parent, store: Store, base_name: str, fam):

@@ -125,6 +125,7 @@ class BertFamily(Family):
 
         BertEncoder, BertClassifier = _make_wrappers()
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are not ours to draw
         if num_classes:
             config.num_labels = int(num_classes)
             if source:
