@@ -789,7 +789,9 @@ class VariantCache:
             if held > value:
                 self._execute(self._moves(shed(self._ladders, res, resident, value - held, key)),
                               admitted=None)
-            self._rebalance(force=False)
+            # Hysteresis damps re-plans on drifting request rates; a budget the operator
+            # raised is an event, so upgrades it allows happen now, however small the gain.
+            self._rebalance(force=value > old)
         except Exception:  # noqa: BLE001 - shed below anyway: the budget must hold
             log.exception("re-plan after the budget change to %d bytes failed", value)
         with self._lock:

@@ -212,28 +212,23 @@ def test_downgrade_on_budget_drop_keeps_models_served(store, refs):
     cache.close()
 
 
-def test_upgrade_on_budget_rise_after_rebalance(store):
+def test_budget_rise_upgrades_at_once_whatever_the_hysteresis(store):
     cache = make(store, budget=SMALLEST_SET, hysteresis=0.5)
     for m in CANDS:
         cache.infer(m, INPUTS[m][0])
     small = {"resnet10": "resnet10+int8", "bert-tiny": "bert-tiny+int8",
              "resnet10b": "resnet10b+fp16"}
     assert cache.resident() == small
+    # hysteresis damps re-plans on drifting rates; a raised budget is an event: a few points
+    # of accuracy (far below the 50% hysteresis) are taken at once
     cache.set_budget(EVERYTHING)
-    # a few points of accuracy are below the hysteresis: no swap yet
-    assert cache.resident() == small and not cache.rebalance()
-    assert cache.rebalance(force=True)
     assert cache.resident() == {m: m for m in CANDS}
     s = cache.stats()
-    assert s.upgrades == 3 and s.rebalances == 1 and s.bytes_resident == 1050
+    assert s.upgrades == 3 and s.bytes_resident == 1050
+    assert not cache.rebalance()  # nothing left to gain
+    cache.set_budget(SMALLEST_SET)  # and back down: downgrades, never over the budget
+    assert cache.resident() == small and cache.resident_bytes() <= SMALLEST_SET
     cache.close()
-
-    eager = make(store, budget=SMALLEST_SET, hysteresis=0.0)
-    for m in CANDS:
-        eager.infer(m, INPUTS[m][0])
-    eager.set_budget(EVERYTHING)  # a budget change re-plans at once
-    assert eager.resident() == {m: m for m in CANDS}
-    eager.close()
 
 
 def test_cold_load_downgrades_others_before_evicting(store):
