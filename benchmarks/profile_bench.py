@@ -104,7 +104,9 @@ def cross_check(store: Store, name: str) -> dict:
     imports = "import numpy as np, onnxruntime as ort, variants, profiler\n"
     run = imports + (
         "import sys\n"
-        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "so = ort.SessionOptions()\n"
+        "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
+        "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
         "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
         "for _ in range(3): s.run(None, {'input': x})\n")
     independent = _max_rss(run, str(store.get(name).onnx_path)) - _max_rss(imports)

@@ -487,7 +487,9 @@ def test_resnet18_peak_agrees_with_an_independent_measurement(r18, tmp_path):
     imports = "import numpy as np, onnxruntime as ort, variants, profiler\n"
     run = imports + (
         "import sys\n"
-        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "so = ort.SessionOptions()\n"
+        "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
+        "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
         "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
         "for _ in range(3): s.run(None, {'input': x})\n")
     baseline = _max_rss(imports)
