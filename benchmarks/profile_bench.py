@@ -29,9 +29,7 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import profiler  # noqa: E402
 import variants  # noqa: E402
 from profiler import report  # noqa: E402
-from profiler.memory import ALLOCATOR_ENV  # noqa: E402
+from profiler.memory import independent_peak  # noqa: E402
 from variants import EarlyExit, Prune, Quantize, Store  # noqa: E402
 
 log = logging.getLogger("benchmarks.profile")
@@ -91,25 +89,9 @@ def build_store(root: Path, recover_steps: int) -> tuple[Store, float, list[dict
     return Store(root / "store"), time.perf_counter() - t0, failed
 
 
-def _max_rss(code: str, *args: str) -> int:
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, *args], cwd=ROOT,
-                          capture_output=True, text=True, check=True,
-                          env={**os.environ, **ALLOCATOR_ENV})
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-               .group(1)) * 1024
-
-
 def cross_check(store: Store, name: str) -> dict:
     prof = {p.name: p for p in profiler.load_profiles(store)}[name].batch(1)
-    imports = "import numpy as np, onnxruntime as ort, variants, profiler\n"
-    run = imports + (
-        "import sys\n"
-        "so = ort.SessionOptions()\n"
-        "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
-        "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
-        "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
-        "for _ in range(3): s.run(None, {'input': x})\n")
-    independent = _max_rss(run, str(store.get(name).onnx_path)) - _max_rss(imports)
+    independent = independent_peak(str(store.get(name).onnx_path))
     return {"variant": name, "batch": 1, "profiler_process_peak_bytes": prof.process_peak_bytes,
             "time_v_bytes": independent,
             "rel_diff": abs(prof.process_peak_bytes - independent) / independent}

@@ -17,12 +17,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from _plans import plans_table
 from rich.console import Console
-from rich.table import Table
 
 import profiler
 import variants
-from adaptive import ModelDemand, format_size, select
+from adaptive import ModelDemand
 from adaptive.catalog import demands_from_catalog
 from profiler import report
 
@@ -61,21 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = max(batches)
     demands = [ModelDemand(d.model, d.candidates, floor=args.floor)
                for d in demands_from_catalog(variants.Store(store), batch=batch)]
-    full = sum(max(c.memory_bytes for c in d.candidates) for d in demands)
-    t = Table(title=f"plans (memory at batch {batch}; fidelity floor {args.floor})")
-    for col in ("budget", *[d.model for d in demands], "memory", "utility"):
-        t.add_column(col)
-    for frac in (1.0, 0.6, 0.35):
-        budget = int(full * frac)
-        try:
-            plan = select(demands, budget)
-        except ValueError as e:
-            console.print(f"{format_size(budget)}: {e}")
-            continue
-        t.add_row(f"{format_size(budget)} ({frac:.0%})",
-                  *[plan.choice[d.model] or "-" for d in demands],
-                  format_size(plan.memory_bytes), f"{plan.utility:.3f}")
-    console.print(t)
+    console.print(plans_table(demands, (1.0, 0.6, 0.35),
+                              f"plans (memory at batch {batch}; fidelity floor {args.floor})"))
     console.print(f"Pareto plot: {store / 'pareto.png'}; store: {store}")
     return 0
 

@@ -18,12 +18,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from _plans import plans_table
 from rich.console import Console
-from rich.table import Table
 
 import profiler
 import variants
-from adaptive import ModelDemand, format_size, select
+from adaptive import ModelDemand
 from adaptive.catalog import demands_from_catalog
 from profiler import report
 from variants.train import train
@@ -84,17 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     demands = [ModelDemand(d.model, d.candidates, floor=0.95 * max(
         c.accuracy for c in d.candidates if c.variant == d.model), rate=d.rate)
         for d in demands]
-    full = sum(max(c.memory_bytes for c in d.candidates) for d in demands)
-    t = Table(title=f"plans (memory charged at batch {batch}; floors 95% of base accuracy)")
-    for col in ("budget", *[d.model for d in demands], "memory", "utility"):
-        t.add_column(col)
-    for frac in (1.0, 0.5, 0.3):
-        budget = int(full * frac)
-        plan = select(demands, budget)
-        t.add_row(f"{format_size(budget)} ({frac:.0%})",
-                  *[plan.choice[d.model] or "-" for d in demands],
-                  format_size(plan.memory_bytes), f"{plan.utility:.3f}")
-    console.print(t)
+    console.print(plans_table(demands, (1.0, 0.5, 0.3), f"plans (memory charged at batch "
+                                                        f"{batch}; floors 95% of base accuracy)"))
     console.print(f"Pareto plot: {plot}; store: {store}")
     return 0
 

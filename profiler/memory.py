@@ -297,3 +297,35 @@ def is_oom(text: str) -> bool:
     low = text.lower()
     return any(m in low for m in _OOM_MARKERS)
 
+
+
+_TIME_V_IMPORTS = "import numpy as np, onnxruntime as ort, variants, profiler\n"
+_TIME_V_RUN = _TIME_V_IMPORTS + (
+    "import sys\n"
+    "so = ort.SessionOptions()\n"
+    "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
+    "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
+    "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
+    "for _ in range(3): s.run(None, {'input': x})\n")
+
+
+def _time_v_max_rss(code: str, *args: str) -> int:
+    import os
+    import sys
+
+    if shutil.which("/usr/bin/time") is None:
+        raise FileNotFoundError("the cross-check needs GNU /usr/bin/time (apt-get install time)")
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, *args],
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, **ALLOCATOR_ENV})
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    if m is None:
+        raise RuntimeError(f"/usr/bin/time printed no maximum RSS: {proc.stderr[-500:]}")
+    return int(m.group(1)) * 1024
+
+
+def independent_peak(onnx_path: str) -> int:
+    """Cross-check of the profiler with none of its machinery: ``/usr/bin/time -v``'s max RSS
+    of a process that only loads an image model's ONNX file with onnxruntime and runs it at
+    batch 1 (224x224), minus that of a process doing the same imports alone."""
+    return _time_v_max_rss(_TIME_V_RUN, str(onnx_path)) - _time_v_max_rss(_TIME_V_IMPORTS)

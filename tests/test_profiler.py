@@ -26,7 +26,7 @@ import profiler
 from profiler import catalog as catalog_mod
 from profiler.catalog import Catalog
 from profiler.device import device_info
-from profiler.memory import MemoryFit, fit_memory
+from profiler.memory import MemoryFit, fit_memory, independent_peak
 from profiler.profiles import BatchProfile, VariantProfile
 from variants import Store
 
@@ -462,19 +462,6 @@ def test_resnet18_peak_is_repeatable(r18):
     assert abs(peaks[0] - peaks[1]) <= 0.10 * max(peaks)
 
 
-def _max_rss(code: str, *args: str) -> int:
-    """Max RSS in bytes of a fresh python running ``code``, as /usr/bin/time -v reports it,
-    in the allocator configuration the profiler measures (pinned mmap threshold)."""
-    from profiler.memory import ALLOCATOR_ENV
-
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, *args], cwd=ROOT,
-                          capture_output=True, text=True, check=True,
-                          env={**os.environ, **ALLOCATOR_ENV})
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    assert m, proc.stderr
-    return int(m.group(1)) * 1024
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs GNU /usr/bin/time")
 def test_resnet18_peak_agrees_with_an_independent_measurement(r18, tmp_path):
@@ -484,15 +471,6 @@ def test_resnet18_peak_agrees_with_an_independent_measurement(r18, tmp_path):
     profiler.profile(r18, variants=["resnet18"], batches=(1,), runs=3, warmup=1, eval="none",
                      force=True)
     b = profiler.load_profiles(r18)[0].batch(1)
-    imports = "import numpy as np, onnxruntime as ort, variants, profiler\n"
-    run = imports + (
-        "import sys\n"
-        "so = ort.SessionOptions()\n"
-        "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
-        "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
-        "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
-        "for _ in range(3): s.run(None, {'input': x})\n")
-    baseline = _max_rss(imports)
-    independent = _max_rss(run, str(r18.get("resnet18").onnx_path)) - baseline
+    independent = independent_peak(str(r18.get("resnet18").onnx_path))
     assert abs(b.process_peak_bytes - independent) <= 0.10 * independent, \
-        (b.process_peak_bytes, independent, b.baseline_bytes, baseline)
+        (b.process_peak_bytes, independent, b.baseline_bytes)
