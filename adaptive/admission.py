@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from adaptive.errors import AdaptiveError
@@ -47,7 +47,7 @@ from adaptive.select import OBJECTIVES, ModelDemand, select
 
 __all__ = [
     "Ladders", "Move", "Rates", "ReplanSchedule", "ReplanTimer", "admit", "apply_targets",
-    "plan_targets", "shed", "worth_applying",
+    "plan_choice", "plan_targets", "shed", "worth_applying",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,17 @@ class Ladders:
                 math.log(max(la[k] - la[k - 1], 1e-12) / max(lm[k] - lm[k - 1], 1))
                 for k in range(1, len(rungs))])
         self.min_mem = [lm[0] if lm else math.inf for lm in self.lmem]
+
+    def rung_of(self, m: int, k: int) -> int:
+        """The rung of candidate ``k`` of model ``m`` (-1 for -1); a candidate off the
+        ladder maps to the best rung no larger (-1 when there is none)."""
+        if k < 0:
+            return -1
+        r = self.pos_of[m][k]
+        if r >= 0:
+            return r
+        lm = self.lmem[m]
+        return max((j for j in range(len(lm)) if lm[j] <= self.mem[m][k]), default=-1)
 
     def best_fit(self, m: int, limit: float) -> int:
         """The most accurate eligible candidate of ``m`` taking at most ``limit`` bytes, or -1."""
@@ -249,43 +260,61 @@ def shed(lad: Ladders, res: Sequence[int], resident: Iterable[int], free: int,
 # --- re-plans ---------------------------------------------------------------------------------
 
 
-def plan_targets(lad: Ladders, rates: Sequence[float], res: Sequence[int],
-                 resident: Iterable[int], budget: int, *, objective: str = "misses",
-                 exact: bool | None = None) -> list[int] | None:
-    """The rung :func:`adaptive.select` wants for every model (-1: not in the plan).
+def plan_choice(lad: Ladders, rates: Sequence[float], res: Sequence[int],
+                resident: Iterable[int], budget: int, *, objective: str = "misses",
+                exact: bool | None = None,
+                shared: tuple[Sequence[ModelDemand], Mapping[str, int]] | None = None
+                ) -> list[int] | None:
+    """The candidate :func:`adaptive.select` wants for every model (-1: not in the plan).
 
     Only models with a positive rate and an eligible candidate within ``budget`` are planned;
-    the current residency breaks ties (fewest swaps). None (and a warning) when the selector
-    fails, so the caller keeps serving on its old targets.
+    the current residency breaks ties (fewest swaps). With ``shared`` (the demands with
+    :class:`~adaptive.sharing.SharedCandidate` candidates, in ``lad``'s model and candidate
+    order, and the groups' bytes) :func:`adaptive.sharing.select_shared` plans instead,
+    charging each group once. None (and a warning) when the selector fails, so the caller
+    keeps serving on its old targets.
     """
+    source = lad.demands if shared is None else shared[0]
     demands = []
-    for m, d in enumerate(lad.demands):
+    for m, d in enumerate(source):
         if lad.min_mem[m] <= budget and rates[m] > 0:
             demands.append(replace(d, rate=rates[m]))
-    targets = [-1] * lad.n
+    choice = [-1] * lad.n
     if not demands:
-        return targets
+        return choice
     planned = {d.model for d in demands}
     current = {lad.names[r]: lad.demands[r].candidates[res[r]].variant for r in resident
                if lad.names[r] in planned}
     try:
-        plan = select(demands, budget, objective=objective, exact=exact, resident=current)
+        if shared is None:
+            plan = select(demands, budget, objective=objective, exact=exact, resident=current)
+        else:
+            from adaptive.sharing import select_shared
+
+            plan = select_shared(demands, shared[1], budget, objective=objective,
+                                 resident=current)
     except (AdaptiveError, ValueError) as e:
         log.warning("re-plan at a budget of %d bytes failed: %s; keeping the old targets",
                     budget, e)
         return None
     index = {name: m for m, name in enumerate(lad.names)}
     for name, variant in plan.choice.items():
-        if variant is None:
-            continue
-        m = index[name]
-        cand = next(k for k, x in enumerate(lad.demands[m].candidates) if x.variant == variant)
-        k = lad.pos_of[m][cand]
-        if k < 0:  # a dominated choice: the rung that is as small and as accurate
-            lm = lad.lmem[m]
-            k = max(j for j in range(len(lm)) if lm[j] <= lad.mem[m][cand])
-        targets[m] = k
-    return targets
+        if variant is not None:
+            m = index[name]
+            choice[m] = next(k for k, x in enumerate(lad.demands[m].candidates)
+                             if x.variant == variant)
+    return choice
+
+
+def plan_targets(lad: Ladders, rates: Sequence[float], res: Sequence[int],
+                 resident: Iterable[int], budget: int, *, objective: str = "misses",
+                 exact: bool | None = None) -> list[int] | None:
+    """:func:`plan_choice` as rungs of ``lad`` (a dominated choice maps to the rung that is
+    as small and as accurate)."""
+    choice = plan_choice(lad, rates, res, resident, budget, objective=objective, exact=exact)
+    if choice is None:
+        return None
+    return [lad.rung_of(m, k) for m, k in enumerate(choice)]
 
 
 def apply_targets(lad: Ladders, targets: Sequence[int], res: Sequence[int],

@@ -26,6 +26,15 @@ Concurrency model (one owner, one lock):
 * Swaps are make-before-break when the new variant fits beside the old one (load, switch the
   pointer, retire the old) and break-before-make otherwise (retire the old first, so requests
   for that model wait for the new one instead of failing).
+* Shared memory (``share_weights``, or :class:`~adaptive.sharing.SharedCandidate` candidates
+  with ``groups``): a variant is charged its private bytes, and each shared group (a frozen
+  backbone two task models use, the prefix a full model and its exit variant have in common)
+  once while any session holding memory needs it. A load is charged only the groups nobody
+  holds yet; a group's bytes come back when its last holder is released. The decisions see,
+  per model, what each of its candidates would add to what the *other* residents hold: exact
+  for one model's swap, and never optimistic when several move at once (a group two of them
+  drop is not counted as freed, and the groups a model being admitted could use are kept).
+  Re-plans use :func:`adaptive.sharing.select_shared`, which charges each group once.
 
 Clock, loader and budget source are injected, so tests use a fake clock and never sleep.
 """
@@ -50,13 +59,14 @@ from adaptive.admission import (
     ReplanSchedule,
     admit,
     apply_targets,
-    plan_targets,
+    plan_choice,
     shed,
     worth_applying,
 )
 from adaptive.budget import BudgetSource, as_budget
 from adaptive.errors import AdaptiveError
 from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible
+from adaptive.sharing import SharedCandidate
 
 __all__ = [
     "CacheStats", "CandidateSource", "InferResult", "Loader", "ModelStats", "UnknownModelError",
@@ -97,7 +107,8 @@ class InferResult:
 
 @dataclass(frozen=True)
 class ModelStats:
-    """One model's residency and service so far."""
+    """One model's residency and service so far (``memory_bytes``: what its resident variant
+    is charged beyond the shared groups it uses)."""
 
     model: str
     variant: str | None
@@ -118,7 +129,9 @@ class CacheStats:
     waited for a load first, a failure raised. ``cold_loads`` counts loads that requests
     triggered (one per load however many requests waited on it), ``prefetches`` loads that
     re-plans made for models not resident. ``host_bytes`` is the host tier (ONNX bytes kept
-    for fast re-loads), not charged to the budget.
+    for fast re-loads), not charged to the budget. With shared memory, ``bytes_resident``
+    counts each held group once: it is the models' ``memory_bytes`` (private) plus
+    ``shared_bytes`` (the groups held), loads and draining sessions included.
     """
 
     requests: int
@@ -135,6 +148,7 @@ class CacheStats:
     budget_bytes: int
     host_bytes: int
     models: Mapping[str, ModelStats]
+    shared_bytes: int = 0
 
     @property
     def swaps(self) -> int:
@@ -143,11 +157,14 @@ class CacheStats:
 
 
 def default_loader(manifest: Any, device: str, backend: str, source_bytes: bytes | None, *,
-                   threads: int | None = None) -> Any:
-    """Open a stored variant with the registered ``backend`` (from bytes when given)."""
+                   threads: int | None = None, pool: Any = None) -> Any:
+    """Open a stored variant with the registered ``backend`` (from bytes when given; through
+    the tensor ``pool`` when given, torch only)."""
     from variants.backends import _BACKENDS
 
-    return _BACKENDS[backend](manifest, device=device, threads=threads, source=source_bytes)
+    extra = {} if pool is None else {"pool": pool}
+    return _BACKENDS[backend](manifest, device=device, threads=threads, source=source_bytes,
+                              **extra)
 
 
 def catalog_candidates(store: Any, device: str, backend: str,
@@ -175,13 +192,16 @@ def catalog_candidates(store: Any, device: str, backend: str,
 class _Entry:
     """One loaded session of one variant; ``inflight`` requests are running on it."""
 
-    __slots__ = ("model", "cand", "session", "charge", "inflight", "retired", "releasing")
+    __slots__ = ("model", "cand", "session", "charge", "groups", "inflight", "retired",
+                 "releasing")
 
-    def __init__(self, model: str, cand: Candidate, session: Any):
+    def __init__(self, model: str, cand: Candidate, session: Any, charge: int,
+                 groups: frozenset[str]):
         self.model = model
         self.cand = cand
         self.session = session
-        self.charge = int(cand.memory_bytes)
+        self.charge = charge  # private bytes; the shared groups are charged once, by group
+        self.groups = groups
         self.inflight = 0
         self.retired = False
         self.releasing = False
@@ -200,13 +220,22 @@ class _Pending:
 class _Model:
     """Per-model state, all guarded by the cache's lock."""
 
-    __slots__ = ("name", "index", "cands", "index_of", "floor", "current", "pending", "since",
-                 "requests", "hits", "served", "acc_sum")
+    __slots__ = ("name", "index", "cands", "shared", "private", "needs", "index_of", "floor",
+                 "current", "pending", "since", "requests", "hits", "served", "acc_sum")
 
-    def __init__(self, name: str, cands: Sequence[Candidate], floor: float):
+    def __init__(self, name: str, cands: Sequence[Candidate], floor: float,
+                 groups: Mapping[str, int]):
         self.name = name
         self.index = -1  # position in the cache's model order (the decisions' numbering)
-        self.cands = tuple(cands)
+        # ``shared``: as given (private bytes + groups); ``cands``: each as if alone (private
+        # + every group it needs), what a model costs in an otherwise empty cache.
+        self.shared = tuple(cands)
+        self.private = tuple(int(c.memory_bytes) for c in self.shared)
+        self.needs = tuple(frozenset(getattr(c, "groups", ())) for c in self.shared)
+        self.cands = tuple(
+            c if not n else Candidate(c.variant, p + sum(groups[g] for g in n), c.accuracy,
+                                      c.latency_s, c.load_s)
+            for c, p, n in zip(self.shared, self.private, self.needs))
         self.index_of = {c.variant: k for k, c in enumerate(self.cands)}
         self.floor = floor
         self.current: _Entry | None = None
@@ -248,6 +277,14 @@ class VariantCache:
     when None) and, with ``schedule`` (a :class:`~adaptive.admission.ReplanSchedule`), on
     request arrivals in ``clock`` time, as the simulator does.
 
+    ``share_weights`` (torch backend) hosts the variants in one content-addressed
+    :class:`variants.shared.TensorPool`: every tensor two resident variants have in common
+    (task models on one frozen backbone, a model's full and exit variants, aliases of one
+    model) is held once, and the accounting charges it once (see the module docstring);
+    the groups are read from the variants' safetensors (``variants.shared.sharing_groups``).
+    Alternatively pass :class:`~adaptive.sharing.SharedCandidate` candidates and ``groups``
+    (group name -> bytes) to account sharing your own loader does.
+
     ``pin_allocator`` (CPU) pins glibc's mmap threshold as the profiler did, so resident
     memory follows the catalog. ``loader(manifest, device, backend, source_bytes)`` opens
     sessions (default:
@@ -269,7 +306,8 @@ class VariantCache:
                  keep_host_bytes: bool = False, verify: bool = True,
                  audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True,
                  prefetch: bool = True, schedule: ReplanSchedule | None = None,
-                 aliases: Mapping[str, str] | None = None):
+                 aliases: Mapping[str, str] | None = None, share_weights: bool = False,
+                 groups: Mapping[str, int] | None = None):
         from variants.backends import list_backends, parse_device
         from variants.store import Store
 
@@ -295,6 +333,13 @@ class VariantCache:
         if keep_host_bytes and backend != "onnxruntime":
             raise AdaptiveError(f"keep_host_bytes needs the onnxruntime backend (it re-opens "
                                 f"sessions from ONNX bytes), not {backend!r}")
+        if share_weights and backend != "torch":
+            raise AdaptiveError(f"share_weights needs backend='torch' (onnxruntime sessions "
+                                f"cannot share tensors), not {backend!r}")
+        if share_weights and loader is not None:
+            raise AdaptiveError("share_weights loads through the cache's tensor pool; drop "
+                                "loader=, or account your loader's sharing with "
+                                "SharedCandidate candidates and groups=")
 
         self.store = store if isinstance(store, Store) else Store(store)
         self.device = device
@@ -316,22 +361,31 @@ class VariantCache:
             from profiler.memory import pin_allocator as _pin
 
             _pin()
+        self._pool = None
+        if share_weights:
+            from variants.shared import TensorPool
+
+            self._pool = TensorPool(device)
         if loader is None:
-            def loader(manifest, device, backend, source_bytes, _threads=threads):
-                return default_loader(manifest, device, backend, source_bytes, threads=_threads)
+            def loader(manifest, device, backend, source_bytes, _threads=threads,
+                       _pool=self._pool):
+                return default_loader(manifest, device, backend, source_bytes, threads=_threads,
+                                      pool=_pool)
         self._loader = loader
 
         if candidates is None:
             candidates = (profiles or catalog_candidates)(self.store, device, backend, max_batch)
         self._models: dict[str, _Model] = {}
         self._manifests: dict[str, Any] = {}
-        self._build_models(candidates, dict(floors or {}), dict(aliases or {}), verify)
+        self._groups: dict[str, int] = {}
+        self._build_models(candidates, dict(floors or {}), dict(aliases or {}), verify,
+                           dict(groups or {}), share_weights)
         for i, st in enumerate(self._models.values()):
             st.index = i
         self._names = list(self._models)
         self._ladders = Ladders([st.demand(0.0) for st in self._models.values()])
         self._rates = Rates(len(self._names), float(ewma_halflife_s) / _LN2)
-        self._targets = [-1] * len(self._names)  # rung per model from the last re-plan
+        self._targets = [-1] * len(self._names)  # candidate per model from the last re-plan
         self._timer = schedule.timer() if schedule is not None else None
         self._since = 0
 
@@ -340,7 +394,11 @@ class VariantCache:
         self._planning = False
         self._closed = False
         self._charged = 0  # bytes of every session holding memory, reservations included
-        self._draining = 0  # of which: retired sessions still running requests
+        self._draining = 0  # of which: private bytes of retired sessions still running requests
+        # holders of each shared group: sessions holding memory (reservations included), and
+        # of those the ones not retired; a group is charged while it has any holder
+        self._group_all: dict[str, int] = dict.fromkeys(self._groups, 0)
+        self._group_live: dict[str, int] = dict.fromkeys(self._groups, 0)
         self._host: dict[str, bytes] = {}
         self._counts = dict.fromkeys(
             ("requests", "hits", "misses", "failures", "cold_loads", "prefetches",
@@ -357,11 +415,13 @@ class VariantCache:
     # -- construction ------------------------------------------------------------------------
 
     def _build_models(self, candidates: Mapping[str, Sequence[Candidate]],
-                      floors: dict[str, float], aliases: dict[str, str], verify: bool) -> None:
+                      floors: dict[str, float], aliases: dict[str, str], verify: bool,
+                      groups: dict[str, int], share: bool) -> None:
         stored = set(self.store.names())
         unknown = sorted(set(aliases) - set(candidates))
         if unknown:
             raise AdaptiveError(f"aliases name models {unknown} that have no candidates")
+        checked: dict[str, list[Candidate]] = {}
         for model, cands in sorted(candidates.items()):
             base = aliases.get(model, model)
             cands = list(cands)
@@ -385,9 +445,17 @@ class VariantCache:
                     raise AdaptiveError(f"candidate {c.variant!r} belongs to model "
                                         f"{manifest.base!r}, not {base!r}; {fix}")
                 self._manifests[c.variant] = manifest
+            checked[model] = cands
+        if share:
+            if groups or any(getattr(c, "groups", None) for cs in checked.values() for c in cs):
+                raise AdaptiveError("share_weights computes the shared groups itself; pass plain "
+                                    "Candidates and no groups=")
+            checked, groups = self._shared(checked)
+        self._groups = _checked_groups(checked, groups)
+        for model, cands in checked.items():
             floor = floors.pop(model, 0.0)
             try:
-                self._models[model] = _Model(model, cands, float(floor))
+                self._models[model] = _Model(model, cands, float(floor), self._groups)
                 self._models[model].demand(0.0)  # validates floor and duplicate variants
             except ValueError as e:
                 raise AdaptiveError(str(e)) from None
@@ -399,6 +467,38 @@ class VariantCache:
                                 f"{sorted(self._models)}")
         if not self._models:
             raise AdaptiveError("no models to serve: candidates is empty")
+
+    def _shared(self, checked: dict[str, list[Candidate]]
+                ) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
+        """Candidates as :class:`SharedCandidate`: the tensors each (served model, variant)
+        has in common with others form groups; the rest of its profiled memory is private."""
+        from variants.shared import sharing_groups, tensor_index
+
+        indices = {}
+        for model, cands in checked.items():
+            for c in cands:
+                path = self._manifests[c.variant].weights_path
+                if path is None:
+                    raise AdaptiveError(f"model {model!r}: {c.variant!r} has no torch weights "
+                                        f"(an ONNX-only variant); the torch backend cannot load "
+                                        f"it, drop it from the candidates")
+                indices[f"{model}/{c.variant}"] = tensor_index(path)
+        sg = sharing_groups(indices)
+        out = {}
+        for model, cands in checked.items():
+            out[model] = []
+            for c in cands:
+                label = f"{model}/{c.variant}"
+                needs = sg.needs[label]
+                if not needs:
+                    out[model].append(c)
+                    continue
+                private = max(c.memory_bytes - sg.shared_bytes(label), sg.private[label])
+                out[model].append(SharedCandidate(c.variant, private, c.accuracy, c.latency_s,
+                                                  c.load_s, groups=needs))
+        log.info("share_weights: %d groups, %.1f MB shared", len(sg.groups),
+                 sum(sg.groups.values()) / 1e6)
+        return out, sg.groups
 
     def _default_source(self) -> BudgetSource:
         from adaptive.budget import CgroupBudget, CudaFreeBudget
@@ -554,7 +654,9 @@ class VariantCache:
             return CacheStats(**self._counts, bytes_resident=self._charged,
                               budget_bytes=self._budget,
                               host_bytes=sum(len(b) for b in self._host.values()),
-                              models=MappingProxyType(models))
+                              models=MappingProxyType(models),
+                              shared_bytes=sum(b for g, b in self._groups.items()
+                                               if self._group_all[g]))
 
     def start(self) -> VariantCache:
         """Start the background thread that follows the budget source and re-plans."""
@@ -700,18 +802,85 @@ class VariantCache:
 
     def _snapshot(self) -> tuple[list[int], list[int], int]:
         """Lock held: the residency as the decisions see it: resident candidate per model
-        (-1: none), resident models in the order they became resident, their bytes."""
+        (-1: none), resident models in the order they became resident, their bytes (shared
+        groups once)."""
         res = [-1] * len(self._names)
         order = []
         held = 0
+        used: set[str] = set()
         for st in self._models.values():
             e = st.current
             if e is not None:
                 res[st.index] = st.index_of[e.cand.variant]
                 order.append((st.since, st.index))
-                held += e.cand.memory_bytes
+                held += e.charge
+                used |= e.groups
         order.sort()
-        return res, [m for _, m in order], held
+        return res, [m for _, m in order], held + sum(self._groups[g] for g in used)
+
+    def _lad(self, res: Sequence[int], pinned: _Model | None = None) -> Ladders:
+        """The ladders to decide with. Without shared groups the static ones; with them,
+        each candidate costs its private bytes plus the groups no *other* resident holds
+        (and, for the others, none of the groups ``pinned``, a model being admitted, could
+        use: a downgrade that drops them frees nothing, since ``pinned`` needs them back)."""
+        if not self._groups:
+            return self._ladders
+        models = list(self._models.values())
+        holders: dict[str, int] = {}
+        for st in models:
+            if res[st.index] >= 0:
+                for g in st.needs[res[st.index]]:
+                    holders[g] = holders.get(g, 0) + 1
+        keep = frozenset().union(*pinned.needs) if pinned is not None else frozenset()
+        groups = self._groups
+        demands = []
+        for st in models:
+            own = st.needs[res[st.index]] if res[st.index] >= 0 else frozenset()
+            held = {g for g, n in holders.items() if n - (g in own) > 0}
+            if st is not pinned:
+                held |= keep
+            cands = [c if not need else Candidate(
+                c.variant, st.private[k] + sum(groups[g] for g in need - held), c.accuracy,
+                c.latency_s, c.load_s) for k, (c, need) in enumerate(zip(st.cands, st.needs))]
+            demands.append(st.demand(0.0, cands))
+        return Ladders(demands)
+
+    def _bytes_of(self, choice: Sequence[int]) -> int:
+        """What a residency (candidate per model, -1: none) holds, each group once."""
+        total, used = 0, set()
+        for st in self._models.values():
+            k = choice[st.index]
+            if k >= 0:
+                total += st.private[k]
+                used |= st.needs[k]
+        return total + sum(self._groups[g] for g in used)
+
+    def _shared_moves(self, choice: Sequence[int], res: Sequence[int],
+                      resident: Sequence[int], limit: int, key: Sequence[float]) -> list[Move]:
+        """The moves to the shared plan ``choice``: planned residents go to their choice and
+        (with ``prefetch``) planned others are loaded; residents the plan leaves out stay
+        while everything fits, else shrink to their smallest rung, then the coldest leave;
+        prefetches that still do not fit are dropped, coldest first."""
+        final = list(res)
+        for m, k in enumerate(choice):
+            if k >= 0 and (res[m] >= 0 or self.prefetch):
+                final[m] = k
+        out = sorted((m for m in resident if choice[m] < 0), key=key.__getitem__)
+        for m in out:
+            if self._bytes_of(final) <= limit:
+                break
+            final[m] = self._ladders.ladder[m][0]
+        for m in out:
+            if self._bytes_of(final) <= limit:
+                break
+            final[m] = -1
+        fetched = sorted((m for m in range(len(final)) if res[m] < 0 <= final[m]),
+                         key=key.__getitem__)
+        for m in fetched:
+            if self._bytes_of(final) <= limit:
+                break
+            final[m] = -1
+        return [Move(m, k) for m, k in enumerate(final) if k != res[m]]
 
     def _moves(self, moves: list[Move]) -> list[tuple[_Model, Candidate | None]]:
         models = self._models
@@ -731,10 +900,11 @@ class VariantCache:
             rate = max(self._rates.rate(st.index, now), 1e-12)
             key = list(self._rates.key)
             limit = self._limit
-            target = self._targets[st.index]
             res, resident, held = self._snapshot()
+            lad = self._lad(res, pinned=st)
+            target = lad.rung_of(st.index, self._targets[st.index])
         check_feasible([st.demand(rate)], limit, [st.name])  # InfeasibleBudget
-        moves, k = admit(self._ladders, st.index, res, resident, limit - held, key, target)
+        moves, k = admit(lad, st.index, res, resident, limit - held, key, target)
         todo = self._moves(moves)
         todo.append((st, st.cands[k]))
         log.debug("cold load of %r as %r (moves: %s)", st.name, st.cands[k].variant,
@@ -748,20 +918,27 @@ class VariantCache:
             key = list(self._rates.key)
             limit = self._limit
             res, resident, held = self._snapshot()
+            lad = self._lad(res)
             if self._timer is not None:
                 self._timer.planned(now, rates)
-        targets = plan_targets(self._ladders, rates, res, resident, limit,
-                               objective=self.objective)
-        if targets is None:
+        shared = None
+        if self._groups:
+            shared = ([st.demand(0.0, st.shared) for st in self._models.values()], self._groups)
+        choice = plan_choice(lad, rates, res, resident, limit, objective=self.objective,
+                             shared=shared)
+        if choice is None:
             return False
         with self._lock:
-            self._targets = targets
-        moves = apply_targets(self._ladders, targets, res, resident, limit - held, rates, key,
-                              prefetch=self.prefetch)
+            self._targets = choice
+        if shared is None:
+            moves = apply_targets(lad, [lad.rung_of(m, k) for m, k in enumerate(choice)], res,
+                                  resident, limit - held, rates, key, prefetch=self.prefetch)
+        else:
+            moves = self._shared_moves(choice, res, resident, limit, key)
         if not moves:
             return False
         if not force and held <= limit and not worth_applying(
-                self._ladders, res, resident, moves, rates, hysteresis=self.hysteresis,
+                lad, res, resident, moves, rates, hysteresis=self.hysteresis,
                 objective=self.objective):
             log.debug("re-plan skipped: gains less than the hysteresis %g", self.hysteresis)
             return False
@@ -784,10 +961,18 @@ class VariantCache:
                 self._notify_audit()
             key = list(self._rates.key)
             res, resident, held = self._snapshot()
+            lad = self._lad(res)
         log.debug("budget %d -> %d bytes", old, value)
         try:
+            if held > value and self._groups:
+                # Freeing a shared group takes every holder stepping down together, which
+                # one-model-at-a-time shedding cannot see: follow the shared plan first.
+                self._rebalance(force=True)
+                with self._lock:
+                    res, resident, held = self._snapshot()
+                    lad = self._lad(res)
             if held > value:
-                self._execute(self._moves(shed(self._ladders, res, resident, value - held, key)),
+                self._execute(self._moves(shed(lad, res, resident, value - held, key)),
                               admitted=None)
             # Hysteresis damps re-plans on drifting request rates; a budget the operator
             # raised is an event, so upgrades it allows happen now, however small the gain.
@@ -795,16 +980,18 @@ class VariantCache:
         except Exception:  # noqa: BLE001 - shed below anyway: the budget must hold
             log.exception("re-plan after the budget change to %d bytes failed", value)
         with self._lock:
-            over = [st for st in self._models.values() if st.current is not None]
-            held = sum(st.current.charge for st in over)
+            over = [(st, st.current.cand.memory_bytes) for st in self._models.values()
+                    if st.current is not None]
+            held = self._snapshot()[2]
         if held > value:  # only if shedding failed: evict the largest until it fits
-            for st in sorted(over, key=lambda s: -s.current.charge):
+            for st, _ in sorted(over, key=lambda x: -x[1]):
+                with self._lock:
+                    held = self._snapshot()[2]
                 if held <= value:
                     break
-                held -= st.current.charge
-                self._retire_current(st)
-                with self._lock:
-                    self._counts["evictions"] += 1
+                if self._retire_current(st):
+                    with self._lock:
+                        self._counts["evictions"] += 1
         with self._lock:
             while self._charged > value:
                 self._cond.wait()
@@ -837,7 +1024,7 @@ class VariantCache:
                     self._counts["evictions"] += 1
         waiting = []
         for st, c in sorted(downs, key=lambda x: x[1].memory_bytes - cur[x[0].name].memory_bytes):
-            if self._reserve(c.memory_bytes):
+            if self._reserve(st, c):
                 self._swap_in(st, c, "downgrades")
             else:  # break-before-make: requests for it wait for the smaller variant
                 self._retire_current(st)
@@ -848,7 +1035,7 @@ class VariantCache:
         for st, c in ups:
             kind = "upgrades" if cur[st.name] is not None else (
                 "cold_loads" if st is admitted else "prefetches")
-            if cur[st.name] is not None and not self._reserve(c.memory_bytes):
+            if cur[st.name] is not None and not self._reserve(st, c):
                 self._retire_current(st)
                 self._load_into(st, c, kind, raise_errors=False)
             elif cur[st.name] is not None:
@@ -856,22 +1043,54 @@ class VariantCache:
             else:
                 self._load_into(st, c, kind, raise_errors=st is admitted)
 
-    def _reserve(self, need: int) -> bool:
-        """Charge ``need`` bytes if they fit under the limit. Waits for draining sessions
-        only when their bytes would make it fit (a request on a retired session delays the
-        planner, never fails)."""
+    def _need(self, st: _Model, cand: Candidate) -> tuple[int, frozenset[str]]:
+        """Lock held: the bytes loading ``cand`` adds now (its private bytes and the groups
+        nobody holds) and the groups it needs."""
+        k = st.index_of[cand.variant]
+        needs = st.needs[k]
+        return st.private[k] + sum(self._groups[g] for g in needs
+                                   if not self._group_all[g]), needs
+
+    def _freeable(self) -> int:
+        """Lock held: bytes that come back once every retired session has drained."""
+        return self._draining + sum(b for g, b in self._groups.items()
+                                    if self._group_all[g] and not self._group_live[g])
+
+    def _reserve(self, st: _Model, cand: Candidate) -> bool:
+        """Charge what loading ``cand`` adds if it fits under the limit. Waits for draining
+        sessions only when their bytes would make it fit (a request on a retired session
+        delays the planner, never fails)."""
         with self._lock:
-            while (self._charged + need > self._limit and self._draining > 0
-                   and self._charged - self._draining + need <= self._limit):
+            while True:
+                need, needs = self._need(st, cand)
+                if self._charged + need <= self._limit:
+                    break
+                freeable = self._freeable()
+                if not (freeable > 0 and self._charged - freeable + need <= self._limit):
+                    return False
                 self._cond.wait()
-            if self._charged + need > self._limit:
-                return False
             self._charged += need
+            for g in needs:
+                self._group_all[g] += 1
+                self._group_live[g] += 1
             self._notify_audit()
             return True
 
+    def _unhold(self, charge: int, groups: frozenset[str], live: bool) -> None:
+        """Lock held: give back a session's (or reservation's) private bytes and its hold on
+        its groups; a group nobody holds any more is uncharged."""
+        self._charged -= charge
+        for g in groups:
+            self._group_all[g] -= 1
+            if live:
+                self._group_live[g] -= 1
+            if not self._group_all[g]:
+                self._charged -= self._groups[g]
+        self._notify_audit()
+        self._cond.notify_all()
+
     def _load_into(self, st: _Model, cand: Candidate, kind: str, *, raise_errors: bool) -> None:
-        if not self._reserve(cand.memory_bytes):
+        if not self._reserve(st, cand):
             msg = (f"cannot load {cand.variant!r} for {st.name!r}: {cand.memory_bytes} bytes do "
                    f"not fit under the budget of {self._limit} bytes with what is resident")
             if raise_errors:
@@ -883,18 +1102,17 @@ class VariantCache:
     def _swap_in(self, st: _Model, cand: Candidate, kind: str, *,
                  raise_errors: bool = False) -> None:
         """Load ``cand`` (its bytes already reserved), make it current, retire the old one."""
+        k = st.index_of[cand.variant]
         try:
             session = self._open(cand)
         except Exception as e:
             with self._lock:
-                self._charged -= cand.memory_bytes
-                self._notify_audit()
-                self._cond.notify_all()
+                self._unhold(st.private[k], st.needs[k], live=True)
             if raise_errors:
                 raise
             log.warning("loading %r for %r failed: %s", cand.variant, st.name, e)
             return
-        entry = _Entry(st.name, cand, session)
+        entry = _Entry(st.name, cand, session, st.private[k], st.needs[k])
         with self._lock:
             old = st.current
             if kind in ("cold_loads", "prefetches"):  # newly resident (a swap keeps its place)
@@ -940,6 +1158,8 @@ class VariantCache:
         if st.current is entry:
             st.current = None
         self._draining += entry.charge
+        for g in entry.groups:
+            self._group_live[g] -= 1
         if entry.inflight == 0 and not entry.releasing:
             entry.releasing = True
             return entry
@@ -956,10 +1176,8 @@ class VariantCache:
             log.warning("closing %r failed: %s", entry.cand.variant, e)
         del session
         with self._lock:
-            self._charged -= entry.charge
             self._draining -= entry.charge
-            self._notify_audit()
-            self._cond.notify_all()
+            self._unhold(entry.charge, entry.groups, live=False)
 
     def _notify_audit(self) -> None:
         if self._audit is not None:
@@ -994,3 +1212,23 @@ def _batch_size(inputs: Any) -> int | None:
     if shape is None or len(shape) == 0:
         return None
     return int(shape[0])
+
+
+def _checked_groups(candidates: Mapping[str, Sequence[Candidate]],
+                    groups: Mapping[str, int]) -> dict[str, int]:
+    """``groups`` validated against the groups the candidates name."""
+    from adaptive.sharing import _check_groups
+
+    try:
+        out = _check_groups(groups)
+    except ValueError as e:
+        raise AdaptiveError(str(e)) from None
+    for model, cands in candidates.items():
+        for c in cands:
+            unknown = sorted(frozenset(getattr(c, "groups", ())) - out.keys())
+            if unknown:
+                raise AdaptiveError(f"model {model!r}: candidate {c.variant!r} needs groups "
+                                    f"{unknown} that groups= does not size; known: "
+                                    f"{sorted(out) or 'none'}")
+    used = {g for cands in candidates.values() for c in cands for g in getattr(c, "groups", ())}
+    return {g: b for g, b in out.items() if g in used}

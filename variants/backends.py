@@ -157,7 +157,7 @@ class TorchSession(Session):
     """A torch module rebuilt from its architecture and safetensors weights."""
 
     def __init__(self, module, input_names: Sequence[str], device: str = "cpu",
-                 dtype=None, variant: str | None = None):
+                 dtype=None, variant: str | None = None, release: Callable[[], Any] | None = None):
         import torch
 
         kind, idx = parse_device(device)
@@ -168,6 +168,7 @@ class TorchSession(Session):
         self.input_names = list(input_names)
         self.device = device
         self.variant = variant
+        self._release = release  # gives pooled tensors back (TensorPool.release)
 
     def run(self, inputs: Any) -> np.ndarray:
         torch = self._torch
@@ -184,26 +185,43 @@ class TorchSession(Session):
 
     def close(self) -> None:
         self.module = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 @register_backend("torch")
 def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
-                   source: Any = None) -> Session:
+                   source: Any = None, pool: Any = None) -> Session:
+    """Rebuild the variant and load its safetensors; with ``pool`` (a
+    :class:`variants.shared.TensorPool` on ``device``) through the pool, so tensors another
+    resident variant already holds are shared, not read; closing the session releases them."""
     if manifest.weights_path is None:
         raise BackendError(f"{manifest.name!r} has no torch weights ({manifest.quantized or 'onnx'}"
                            f"-only variant); use --backend onnxruntime")
     import torch
-    from safetensors.torch import load_file
 
     from variants.families import get_family
 
     if threads:
         torch.set_num_threads(int(threads))
     fam = get_family(manifest.family)
+    names = [i["name"] for i in manifest.inputs]
+    if pool is not None:
+        from variants.shared import tensor_index
+
+        if pool.device != device:
+            raise BackendError(f"the tensor pool holds tensors on {pool.device!r}, not on "
+                               f"{device!r}; use one pool per device")
+        module, handle = pool.load(fam, manifest.arch, manifest.weights_path, name=manifest.name,
+                                   index=tensor_index(manifest.weights_path))
+        return TorchSession(module, names, device=device, variant=manifest.name,
+                            release=lambda: pool.release(handle))
+    from safetensors.torch import load_file
+
     module = fam.rebuild(manifest.arch)
     module.load_state_dict(load_file(str(manifest.weights_path)))
-    return TorchSession(module.eval(), [i["name"] for i in manifest.inputs], device=device,
-                        variant=manifest.name)
+    return TorchSession(module.eval(), names, device=device, variant=manifest.name)
 
 
 def open_session(store, name: str, *, device: str = "cpu", backend: str = "onnxruntime",

@@ -25,6 +25,7 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -36,9 +37,9 @@ from typing import Any
 from variants.errors import StoreError
 
 __all__ = [
-    "PoolHandle", "TensorKey", "TensorPool", "Transition", "downgrade_in_place",
-    "empty_parameters", "exit_head_keys", "load_exit_head", "module_tensors", "tensor_bytes",
-    "tensor_key", "upgrade_in_place",
+    "PoolHandle", "SharingGroups", "TensorKey", "TensorPool", "Transition", "downgrade_in_place",
+    "empty_parameters", "exit_head_keys", "load_exit_head", "module_tensors", "sharing_groups",
+    "tensor_bytes", "tensor_index", "tensor_key", "upgrade_in_place",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,117 @@ def tensor_key(t) -> TensorKey:
 
 def tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
+
+
+# safetensors dtype codes -> torch's names, as tensor_key writes them
+_ST_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16",
+              "BF16": "torch.bfloat16", "I64": "torch.int64", "I32": "torch.int32",
+              "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8", "BOOL": "torch.bool"}
+
+
+def tensor_index(weights: str | Path) -> dict[str, TensorKey]:
+    """The content key of every tensor in a safetensors file, by name, without torch.
+
+    Reads the header and hashes each tensor's byte range; the keys equal
+    :func:`tensor_key` of the loaded tensors, so a :class:`TensorPool` can tell which
+    tensors of a file it already holds before reading any. Cached per (path, size, mtime).
+    """
+    p = Path(weights)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise StoreError(f"cannot read tensor index of {p}: {e}") from None
+    return dict(_tensor_index(str(p), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, TensorKey], ...]:
+    import json
+    import mmap
+    import struct
+
+    out = []
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        except (struct.error, ValueError) as e:
+            raise StoreError(f"{path} is not a safetensors file ({e}); regenerate the "
+                             f"variant") from None
+        header.pop("__metadata__", None)
+        if not header:
+            return ()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, meta in sorted(header.items()):
+                dtype = _ST_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise StoreError(f"{path}: tensor {name!r} has dtype {meta['dtype']} that "
+                                     f"memadapt does not share; known: {sorted(_ST_DTYPES)}")
+                a, b = meta["data_offsets"]
+                shape = tuple(int(x) for x in meta["shape"])
+                h = hashlib.sha256(f"{dtype}|{shape}|".encode())
+                if b > a:
+                    h.update(memoryview(mm)[8 + n + a:8 + n + b])
+                out.append((name, TensorKey(dtype, shape, h.hexdigest(), b - a)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SharingGroups:
+    """How a set of stored variants share tensors (see :func:`sharing_groups`).
+
+    ``groups`` maps a group name to its bytes, ``users`` a group to the variants using it,
+    ``needs`` a variant to the groups it uses and ``private`` a variant to the bytes of the
+    tensors no other listed variant holds.
+    """
+
+    groups: dict[str, int]
+    users: dict[str, frozenset[str]]
+    needs: dict[str, frozenset[str]]
+    private: dict[str, int]
+
+    def shared_bytes(self, variant: str) -> int:
+        """Bytes of the groups ``variant`` uses."""
+        return sum(self.groups[g] for g in self.needs[variant])
+
+    def standalone_bytes(self, variant: str) -> int:
+        """Bytes of every distinct tensor of ``variant``."""
+        return self.private[variant] + self.shared_bytes(variant)
+
+
+def sharing_groups(indices: Mapping[str, Mapping[str, TensorKey]]) -> SharingGroups:
+    """Group the tensors of several variants (``variant -> tensor_index``) by the exact set
+    of variants holding them: each set of two or more is a group (held once, whoever of its
+    users is resident), a tensor only one variant holds is that variant's private bytes.
+
+    Task models on one frozen backbone get a group for the backbone; a model's full and
+    exit@k variants a group for the prefix. Group names are ``shared-<digest>`` of the
+    users, stable across runs.
+    """
+    holders: dict[TensorKey, set[str]] = {}
+    for variant, index in indices.items():
+        for key in set(index.values()):
+            holders.setdefault(key, set()).add(variant)
+    groups: dict[str, int] = {}
+    users: dict[str, frozenset[str]] = {}
+    needs: dict[str, set[str]] = {v: set() for v in indices}
+    private = dict.fromkeys(indices, 0)
+    by_users: dict[frozenset[str], int] = {}
+    for key, who in holders.items():
+        if len(who) == 1:
+            private[next(iter(who))] += key.nbytes
+        else:
+            fs = frozenset(who)
+            by_users[fs] = by_users.get(fs, 0) + key.nbytes
+    for fs, nbytes in sorted(by_users.items(), key=lambda kv: sorted(kv[0])):
+        name = "shared-" + hashlib.sha256("\n".join(sorted(fs)).encode()).hexdigest()[:10]
+        groups[name] = nbytes
+        users[name] = fs
+        for v in fs:
+            needs[v].add(name)
+    return SharingGroups(groups, users, {v: frozenset(g) for v, g in needs.items()}, private)
 
 
 def module_tensors(module) -> dict[str, Any]:
@@ -198,43 +310,60 @@ class TensorPool:
         if len(keyed) != len(tensors):
             raise ValueError(f"module has meta tensors {_meta_names(module)[:5]}; load their "
                              f"values first (TensorPool.load builds and fills a skeleton)")
+        taken: set[TensorKey] = set()
         with self._lock:
             for n, key in keyed.items():
-                _set_tensor(module, n, self._acquire(key, tensors[n]))
-            return module.to(self.device), self._register(name, keyed.values())
+                _set_tensor(module, n, self._take(key, tensors[n], taken))
+            return module.to(self.device), self._register(name, taken)
 
-    def load(self, family, arch: dict, weights: str | Path, name: str | None = None
-             ) -> tuple[Any, PoolHandle]:
+    def load(self, family, arch: dict, weights: str | Path, name: str | None = None, *,
+             index: Mapping[str, TensorKey] | None = None) -> tuple[Any, PoolHandle]:
         """Build ``family``'s module for ``arch`` with empty parameters and fill it from a
-        safetensors file one tensor at a time through the pool, so a tensor already held
-        costs only a transient read. Returns ``(module, handle)``."""
+        safetensors file one tensor at a time through the pool. With ``index`` (the file's
+        :func:`tensor_index`) a tensor the pool already holds is not even read: loading a
+        variant whose backbone is resident reads only its own tensors. Without it, a held
+        tensor costs a transient read and a hash. Returns ``(module, handle)``."""
         from safetensors import safe_open
 
         module = _skeleton(family, arch)
         slots = module_tensors(module)
-        keys, filled = [], set()
-        with safe_open(str(weights), framework="pt") as f:
-            for n in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if n not in slots:
-                    raise StoreError(f"{weights}: tensor {n!r} has no slot in the rebuilt "
-                                     f"{arch.get('model')!r}; the file does not match its arch")
-                t = f.get_tensor(n)
-                key = tensor_key(t)
-                with self._lock:  # own copy: a kept view would pin the whole file mapping
-                    _set_tensor(module, n, self._acquire(key, t, copy=True))
-                keys.append(key)
-                filled.add(n)
-        missing = _meta_names(module)
-        if missing:
-            raise StoreError(f"{weights} lacks {len(missing)} tensors of {arch.get('model')!r}, "
-                             f"e.g. {missing[:3]}")
-        with self._lock:  # tensors not in the file (non-persistent buffers) join too
-            for n, t in module_tensors(module).items():
-                if n not in filled:
-                    key = tensor_key(t)
-                    _set_tensor(module, n, self._acquire(key, t))
-                    keys.append(key)
-            handle = self._register(name, keys)
+        taken: set[TensorKey] = set()
+        filled: set[str] = set()
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                for n in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if n not in slots:
+                        raise StoreError(f"{weights}: tensor {n!r} has no slot in the rebuilt "
+                                         f"{arch.get('model')!r}; the file does not match its "
+                                         f"arch")
+                    key = index.get(n) if index is not None else None
+                    if key is not None:
+                        with self._lock:
+                            t = self._take_held(key, taken)
+                        if t is not None:
+                            _set_tensor(module, n, t)
+                            filled.add(n)
+                            continue
+                    t = f.get_tensor(n)
+                    if key is None:
+                        key = tensor_key(t)
+                    with self._lock:  # own copy: a kept view would pin the whole file mapping
+                        _set_tensor(module, n, self._take(key, t, taken, copy=True))
+                    filled.add(n)
+            missing = _meta_names(module)
+            if missing:
+                raise StoreError(f"{weights} lacks {len(missing)} tensors of "
+                                 f"{arch.get('model')!r}, e.g. {missing[:3]}")
+            rest = {n: t for n, t in module_tensors(module).items() if n not in filled}
+            rest_keys = {n: tensor_key(t) for n, t in rest.items()}
+            with self._lock:  # tensors not in the file (non-persistent buffers) join too
+                for n, t in rest.items():
+                    _set_tensor(module, n, self._take(rest_keys[n], t, taken))
+                handle = self._register(name, taken)
+        except BaseException:
+            with self._lock:
+                self._drop(taken)
+            raise
         return module.eval(), handle
 
     def release(self, handle: PoolHandle) -> int:
@@ -244,14 +373,7 @@ class TensorPool:
             if handle.released:
                 raise ValueError(f"pool handle {handle.name!r} was already released")
             handle.released = True
-            freed = 0
-            for key in handle.keys:
-                e = self._entries[key]
-                e.refs -= 1
-                if e.refs == 0:
-                    del self._entries[key]
-                    freed += key.nbytes
-            return freed
+            return self._drop(handle.keys)
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -286,7 +408,12 @@ class TensorPool:
 
     # -- internals (under the lock) --------------------------------------------------------
 
-    def _acquire(self, key: TensorKey, tensor, copy: bool = False):
+    # A module's references are counted as its tensors are taken, not when it is
+    # registered, so a release on another thread cannot drop a tensor a load is using.
+
+    def _take(self, key: TensorKey, tensor, taken: set[TensorKey], copy: bool = False):
+        """The pooled tensor for ``key`` (``tensor`` joins the pool if none), counted once
+        per module (``taken``)."""
         e = self._entries.get(key)
         if e is None:
             t = tensor.detach()
@@ -295,14 +422,34 @@ class TensorPool:
             elif copy:
                 t = t.clone()
             e = self._entries[key] = _Entry(t)
+        if key not in taken:
+            e.refs += 1
+            taken.add(key)
         return e.tensor
 
-    def _register(self, name: str | None, keys: Iterable[TensorKey]) -> PoolHandle:
+    def _take_held(self, key: TensorKey, taken: set[TensorKey]):
+        """The pooled tensor for ``key`` if the pool holds it (counted), else None."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if key not in taken:
+            e.refs += 1
+            taken.add(key)
+        return e.tensor
+
+    def _drop(self, keys: Iterable[TensorKey]) -> int:
+        freed = 0
+        for key in keys:
+            e = self._entries[key]
+            e.refs -= 1
+            if e.refs == 0:
+                del self._entries[key]
+                freed += key.nbytes
+        return freed
+
+    def _register(self, name: str | None, taken: Iterable[TensorKey]) -> PoolHandle:
         self._count += 1
-        handle = PoolHandle(name or f"module{self._count}", frozenset(keys))
-        for k in handle.keys:
-            self._entries[k].refs += 1
-        return handle
+        return PoolHandle(name or f"module{self._count}", frozenset(taken))
 
 
 def _keys_of(x: Any) -> frozenset[TensorKey]:
