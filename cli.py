@@ -231,11 +231,16 @@ def models_cmd(as_json: bool, pattern: str) -> None:
 @click.option("--resolution", type=click.IntRange(min=32), default=None,
               help="ResNet serving resolution used for export checks and profiling (224).")
 @click.option("--name", default=None, help="Name of the base variant (default: MODEL).")
+@click.option("--heads", default=None, metavar="SET[,SET...]",
+              help="Instead of MODEL itself, task models on MODEL as a frozen backbone, one "
+                   "per label set: built-in topic, module, or a .tsv of text<TAB>label lines "
+                   "(BERT family). Each becomes MODEL-SET with the variants asked for; all "
+                   "share the backbone's tensors.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_errors
 def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_classes, weights,
-                 pretrained, recover_steps, resolution, name, seed, as_json) -> None:
+                 pretrained, recover_steps, resolution, name, heads, seed, as_json) -> None:
     """Generate MODEL's variants into a store (always including the base).
 
     Idempotent and resumable: a variant already stored with the same key is
@@ -246,10 +251,20 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
       memadapt generate resnet18 --quantize int8 --out store
       memadapt generate resnet18 --prune 0.5 --exit 2 --quantize int8 --combine --out store
       memadapt generate minilm --quantize int8 --out store
+      memadapt generate minilm --heads topic,module --exit 3 --out store
+
+    With --heads, the task models' backbone tensors are identical, so a server
+    embedding VariantCache(..., backend="torch", share_weights=True) holds the
+    backbone once for all of them.
     """
     import variants
 
     fam = variants.family_of(model)
+    if heads is not None:
+        _generate_heads(model, fam, store, heads, quantize, prune, exits, combine, calib,
+                        num_classes, weights, pretrained, recover_steps, resolution, name,
+                        seed, as_json)
+        return
     opts: dict[str, Any] = {}
     if resolution is not None:
         if fam.name != "resnet":
@@ -273,6 +288,48 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
     for r in results:
         t.add_row(r.name, r.status, f"{r.params / 1e6:.2f} M", _fmt_bytes(r.bytes),
                   f"{r.seconds:.1f}")
+    _console().print(t)
+
+
+def _generate_heads(model, fam, store, heads, quantize, prune, exits, combine, calib,
+                    num_classes, weights, pretrained, recover_steps, resolution, name, seed,
+                    as_json) -> None:
+    from variants.heads import generate_heads, list_label_sets
+
+    if fam.name != "bert":
+        raise click.BadParameter(f"task heads are built in for the BERT family; {model!r} is "
+                                 f"{fam.name}", param_hint="--heads")
+    clash = [flag for flag, v in (("--num-classes", num_classes), ("--weights", weights),
+                                  ("--name", name), ("--calib", calib),
+                                  ("--resolution", resolution)) if v is not None]
+    clash += ["--pretrained"] if pretrained else []
+    if clash:
+        raise click.UsageError(f"--heads names and sizes its task models itself; drop "
+                               f"{', '.join(clash)}")
+    sets = [h.strip() for h in heads.split(",") if h.strip()]
+    if not sets:
+        raise click.BadParameter(f"give label sets: built-in {', '.join(list_label_sets())} "
+                                 f"or .tsv files", param_hint="--heads")
+    with _Progress(not as_json) as bar:
+        out = generate_heads(model, sets, store, exits=exits, quantize=quantize, prune=prune,
+                             combine=combine, seed=seed, recover_steps=recover_steps,
+                             progress=bar)
+    if as_json:
+        click.echo(json.dumps([{
+            "model": results[0].name, "label_set": head.name, "classes": list(head.classes),
+            "train_accuracy": head.train_accuracy, "heldout_accuracy": head.heldout_accuracy,
+            "samples": head.samples, "reused": head.reused,
+            "variants": [r.__dict__ for r in results]} for head, results in out], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"task heads on {model} -> {store}")
+    for col in ("model", "classes", "texts", "held-out acc", "variants"):
+        t.add_column(col, justify="left" if col in ("model", "variants") else "right")
+    for head, results in out:
+        t.add_row(results[0].name, str(len(head.classes)), str(head.samples),
+                  f"{head.heldout_accuracy:.3f}",
+                  ", ".join(f"{r.name} ({r.status})" for r in results))
     _console().print(t)
 
 
