@@ -8,7 +8,12 @@
    and of a BERT built from a config, recovered by distillation on built-in text;
 2. profiles them: memory per batch, latency, load time, and fidelity to the base
    (mean cosine similarity of the hidden states) on held-out text;
-3. prints the catalog and chooses plans for three budgets.
+3. prints the catalog and chooses plans for three budgets;
+4. multi-model hosting: trains two task heads (the ``topic`` and ``module`` label sets)
+   on the frozen backbone (``memadapt generate MODEL --heads topic,module``) and hosts
+   both task models in one ``VariantCache`` with ``share_weights`` off and on: the
+   tensors held, and the smallest budget serving both at full accuracy, each way.
+   (``benchmarks/sharing.py`` measures the same in process RSS.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from rich.console import Console
 
 import profiler
 import variants
-from adaptive import ModelDemand
+from adaptive import Candidate, ModelDemand, VariantCache
 from adaptive.catalog import demands_from_catalog
 from profiler import report
 
@@ -63,8 +68,47 @@ def main(argv: list[str] | None = None) -> int:
                for d in demands_from_catalog(variants.Store(store), batch=batch)]
     console.print(plans_table(demands, (1.0, 0.6, 0.35),
                               f"plans (memory at batch {batch}; fidelity floor {args.floor})"))
+    hosting(store, models[0])
     console.print(f"Pareto plot: {store / 'pareto.png'}; store: {store}")
     return 0
+
+
+def hosting(store: Path, backbone: str) -> None:
+    """Two task models on one frozen backbone, hosted separately and sharing it."""
+    import numpy as np
+    from rich.table import Table
+
+    from variants.heads import generate_heads
+    from variants.shared import sharing_groups, tensor_index
+
+    heads = generate_heads(backbone, ["topic", "module"], store)
+    names = [res[0].name for _, res in heads]
+    for head, res in heads:
+        console.print(f"{res[0].name}: {len(head.classes)} classes, held-out accuracy "
+                      f"{head.heldout_accuracy:.3f} ({head.samples} texts)")
+    st = variants.Store(store)
+    sg = sharing_groups({m: tensor_index(st.get(m).weights_path) for m in names})
+    cands = {m: [Candidate(m, sg.standalone_bytes(m), 1.0)] for m in names}
+    texts = ["Return the number of items in a container.", "Open a file and return a stream."]
+    ids, mask = variants.get_family("bert").data_inputs(st.get(names[0]).arch, texts)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    both = sum(sg.standalone_bytes(m) for m in names)
+    t = Table(title=f"two task models on one {backbone} backbone in a VariantCache (torch)")
+    for col in ("share_weights", "tensors held (MB)", "budget both need (MB)", "served"):
+        t.add_column(col, justify="left" if col in ("share_weights", "served") else "right")
+    for share in (False, True):
+        with VariantCache(store, backend="torch", candidates=cands, budget=2 * both,
+                          share_weights=share, threads=1) as cache:
+            out = {m: cache.infer(m, feed) for m in names}
+            assert all(np.isfinite(r.output).all() for r in out.values())
+            held = cache._pool.bytes() if share else both
+            acc = cache.resident_bytes()
+        t.add_row(str(share), f"{held / 1e6:.1f}", f"{acc / 1e6:.1f}",
+                  ", ".join(f"{r.variant} -> {tuple(r.output.shape)}" for r in out.values()))
+    console.print(t)
+    console.print(f"shared: {sum(sg.groups.values()) / 1e6:.1f} MB of backbone tensors held "
+                  f"once; both models take {(both - sum(sg.groups.values())) / both:.2f}x the "
+                  f"memory of hosting them separately")
 
 
 if __name__ == "__main__":
