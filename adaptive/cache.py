@@ -45,6 +45,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,9 +130,10 @@ class CacheStats:
     waited for a load first, a failure raised. ``cold_loads`` counts loads that requests
     triggered (one per load however many requests waited on it), ``prefetches`` loads that
     re-plans made for models not resident. ``host_bytes`` is the host tier (ONNX bytes kept
-    for fast re-loads), not charged to the budget. With shared memory, ``bytes_resident``
-    counts each held group once: it is the models' ``memory_bytes`` (private) plus
-    ``shared_bytes`` (the groups held), loads and draining sessions included.
+    for fast re-loads), charged to ``host_budget`` instead of the budget. With shared
+    memory, ``bytes_resident`` counts each held group once: it is the models'
+    ``memory_bytes`` (private) plus ``shared_bytes`` (the groups held), loads and draining
+    sessions included.
     """
 
     requests: int
@@ -289,7 +291,9 @@ class VariantCache:
     memory follows the catalog. ``loader(manifest, device, backend, source_bytes)`` opens
     sessions (default:
     :func:`default_loader` with ``threads``); ``keep_host_bytes`` keeps each loaded
-    variant's ONNX bytes in host memory so a re-load skips the disk. ``verify`` checks every
+    variant's ONNX bytes in host memory so a re-load skips the disk: the *host tier*,
+    bounded by ``host_budget`` (bytes or a size string; None: unbounded), least recently
+    loaded out first; a variant larger than the host budget is not kept. ``verify`` checks every
     candidate's files against their sha256 once, here, instead of at every load. ``audit``
     (for tests and monitors) is called under the lock with ``(resident_bytes, budget_bytes)``
     after every change of either and after every request.
@@ -303,7 +307,7 @@ class VariantCache:
                  rebalance_interval_s: float | None = None, budget_poll_s: float = 1.0,
                  hysteresis: float = 0.1, ewma_halflife_s: float = 30.0,
                  objective: str = "misses", threads: int | None = None,
-                 keep_host_bytes: bool = False, verify: bool = True,
+                 keep_host_bytes: bool = False, host_budget: Any = None, verify: bool = True,
                  audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True,
                  prefetch: bool = True, schedule: ReplanSchedule | None = None,
                  aliases: Mapping[str, str] | None = None, share_weights: bool = False,
@@ -353,6 +357,17 @@ class VariantCache:
         self.budget_poll_s = float(budget_poll_s)
         self._clock = clock
         self._keep_host = keep_host_bytes
+        self._host_budget: int | None = None
+        if host_budget is not None:
+            if not keep_host_bytes:
+                raise AdaptiveError("host_budget bounds the host tier; pass keep_host_bytes=True "
+                                    "too")
+            from adaptive.units import parse_size
+
+            try:
+                self._host_budget = parse_size(host_budget)
+            except ValueError as e:
+                raise AdaptiveError(f"host_budget: {e}") from None
         self._audit = audit
         if pin_allocator and device == "cpu":
             # The catalog's CPU figures were measured with glibc's mmap threshold pinned;
@@ -399,7 +414,7 @@ class VariantCache:
         # of those the ones not retired; a group is charged while it has any holder
         self._group_all: dict[str, int] = dict.fromkeys(self._groups, 0)
         self._group_live: dict[str, int] = dict.fromkeys(self._groups, 0)
-        self._host: dict[str, bytes] = {}
+        self._host: OrderedDict[str, bytes] = OrderedDict()  # least recently loaded first
         self._counts = dict.fromkeys(
             ("requests", "hits", "misses", "failures", "cold_loads", "prefetches",
              "downgrades", "upgrades", "evictions", "rebalances"), 0)
@@ -1131,14 +1146,29 @@ class VariantCache:
         if self._keep_host:
             with self._lock:
                 source = self._host.get(cand.variant)
+                if source is not None:
+                    self._host.move_to_end(cand.variant)
             if source is None:
                 source = Path(manifest.onnx_path).read_bytes()
                 with self._lock:
-                    self._host[cand.variant] = source
+                    self._keep_in_host(cand.variant, source)
         t0 = time.perf_counter()
         session = self._loader(manifest, self.device, self.backend, source)
         log.debug("loaded %r in %.1f ms", cand.variant, 1e3 * (time.perf_counter() - t0))
         return session
+
+    def _keep_in_host(self, variant: str, data: bytes) -> None:
+        """Lock held: add to the host tier, dropping the least recently loaded to stay
+        within ``host_budget``."""
+        cap = self._host_budget
+        if cap is not None and len(data) > cap:
+            return
+        self._host[variant] = data
+        if cap is not None:
+            held = sum(len(b) for b in self._host.values())
+            while held > cap:
+                _, dropped = self._host.popitem(last=False)
+                held -= len(dropped)
 
     def _retire_current(self, st: _Model) -> bool:
         with self._lock:

@@ -336,6 +336,31 @@ def test_keep_host_bytes_reloads_from_memory(store, refs):
     assert cache.stats().host_bytes == 0
 
 
+def test_host_budget_bounds_the_host_tier(store):
+    sources = []
+
+    def loader(manifest, device, backend, source_bytes):
+        sources.append((manifest.name, source_bytes))
+        return variants.open_onnx(source_bytes, device=device, threads=1, variant=manifest.name)
+
+    size, small = store.get("resnet10").bytes, store.get("resnet10+fp16").bytes
+    assert small < size
+    cache = make(store, keep_host_bytes=True, host_budget=size + small - 1, loader=loader)
+    cache.infer("resnet10", INPUTS["resnet10"][0])
+    cache.set_budget(300)  # fp16 joins the host tier; both do not fit: the older goes
+    assert cache.stats().host_bytes == small
+    cache.set_budget(EVERYTHING)
+    cache.rebalance(force=True)
+    assert [name for name, _ in sources] == ["resnet10", "resnet10+fp16", "resnet10"]
+    assert sources[2][1] is not sources[0][1]  # read from the file again
+    assert cache.stats().host_bytes <= size + small - 1
+    cache.close()
+    with pytest.raises(AdaptiveError, match="keep_host_bytes=True"):
+        make(store, host_budget="1GiB")
+    with pytest.raises(AdaptiveError, match="host_budget"):
+        make(store, keep_host_bytes=True, host_budget="lots")
+
+
 # --- the simulator's decisions ----------------------------------------------------------------
 
 class _Null:

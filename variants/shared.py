@@ -509,11 +509,25 @@ def _cut_bert(module, at: int) -> None:
 _PREFIX_CUTS = {"bert": _cut_bert}
 
 
+def _modules(module) -> list[Any]:
+    """Every submodule once: ``nn.Module.modules()`` without its name bookkeeping (about
+    3x faster; the in-place downgrade's budget is a millisecond)."""
+    seen, stack, out = set(), [module], []
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
+
+
 def _slots(module) -> list[tuple[Any, str, Any, bool]]:
     """(owner module, leaf name, tensor, is parameter) for every slot holding a tensor:
     one traversal, reused to find and to empty the slots."""
     out = []
-    for m in module.modules():
+    for m in _modules(module):
         out += [(m, k, t, True) for k, t in m._parameters.items() if t is not None]
         out += [(m, k, t, False) for k, t in m._buffers.items() if t is not None]
     return out
@@ -562,7 +576,7 @@ def downgrade_in_place(full, family, exit_arch: dict, head: Mapping[str, Any]
             owner._parameters[leaf] = type(t)(empty, requires_grad=False)
         else:
             owner._buffers[leaf] = empty
-    for m in exit_mod.modules():  # new wrapper modules start in training mode
+    for m in _modules(exit_mod):  # new wrapper modules start in training mode
         m.training = False
     return exit_mod, sum(freed.values())
 
