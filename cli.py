@@ -587,10 +587,14 @@ def _load_demands(store, profiles, device, backend, batch, floors):
                                       "requests from memory first, then accuracy.")
 @click.option("--profiles", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Use a profiles JSON file instead of STORE's catalog.")
+@click.option("--share", is_flag=True,
+              help="Plan for one process holding identical tensors once (task models on one "
+                   "backbone, a model and its exit variants): each shared group is charged "
+                   "once. Reads the variants' weights from STORE; torch backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_errors
 def select_cmd(store, budget, floors, rates, device, backend, batch, objective, profiles,
-               as_json) -> None:
+               share, as_json) -> None:
     """Choose at most one resident variant per model under a memory budget.
 
     Never exceeds the budget and never picks a variant under its model's floor
@@ -598,8 +602,9 @@ def select_cmd(store, budget, floors, rates, device, backend, batch, objective, 
     base model). Exits 1 when a floor cannot be met within the budget.
 
     \b
-    Example:
+    Examples:
       memadapt select store --budget 512MiB --floor resnet18=0.9 --rate minilm=5
+      memadapt select store --backend torch --share --budget 200MiB
     """
     from dataclasses import replace
 
@@ -608,6 +613,12 @@ def select_cmd(store, budget, floors, rates, device, backend, batch, objective, 
 
     if not store and not profiles:
         raise click.UsageError("give a STORE (profiled with `memadapt profile`) or --profiles")
+    if share and not store:
+        raise click.UsageError("--share reads the variants' weights: give the STORE too")
+    if share and backend != "torch":
+        raise click.BadParameter("only torch sessions can share tensors (onnxruntime sessions "
+                                 "each hold their own); use --backend torch, with profiles from "
+                                 "`memadapt profile STORE --backend torch`", param_hint="--share")
     demands = _load_demands(store, profiles, device, backend, batch, dict(floors))
     rates = dict(rates)
     default_rate = rates.pop("*", None)
@@ -619,17 +630,33 @@ def select_cmd(store, budget, floors, rates, device, backend, batch, objective, 
     # every model must be servable on its own: a floor no variant meets within the
     # budget is the operator's error, not a plan that silently drops the model
     check_feasible(demands, budget, [d.model for d in demands])
-    plan = select(demands, budget, objective=objective)
+    groups: dict[str, int] = {}
+    if share:
+        from adaptive.catalog import share_candidates
+        from adaptive.sharing import plan_groups, select_shared
+        from variants import Store
+
+        shared, groups = share_candidates(Store(store), {d.model: d.candidates for d in demands})
+        demands = [replace(d, candidates=shared[d.model]) for d in demands]
+        plan = select_shared(demands, groups, budget, objective=objective)
+        held = {g: groups[g] for g in sorted(plan_groups(plan))}
+    else:
+        plan = select(demands, budget, objective=objective)
+        held = {}
     if as_json:
-        click.echo(json.dumps({"budget_bytes": budget, "memory_bytes": plan.memory_bytes,
-                               "utility": plan.utility, "exact": plan.exact,
-                               "plan": plan.choice}, indent=2))
+        out = {"budget_bytes": budget, "memory_bytes": plan.memory_bytes,
+               "utility": plan.utility, "exact": plan.exact, "plan": plan.choice}
+        if share:
+            out["shared_groups"] = held
+        click.echo(json.dumps(out, indent=2))
         return
     from rich.table import Table
 
-    t = Table(title=f"plan for {_fmt_bytes(budget)}: {_fmt_bytes(plan.memory_bytes)} used, "
-                    f"utility {plan.utility:.3f}")
-    for col in ("model", "floor", "rate", "variant", "memory", "accuracy"):
+    shared_note = f" ({_fmt_bytes(sum(held.values()))} of it shared, held once)" if share else ""
+    t = Table(title=f"plan for {_fmt_bytes(budget)}: {_fmt_bytes(plan.memory_bytes)} used"
+                    f"{shared_note}, utility {plan.utility:.3f}")
+    mem_col = "own memory" if share else "memory"
+    for col in ("model", "floor", "rate", "variant", mem_col, "accuracy"):
         t.add_column(col, justify="left" if col in ("model", "variant") else "right",
                      no_wrap=col in ("model", "variant"))
     for d in demands:

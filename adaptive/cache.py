@@ -67,7 +67,6 @@ from adaptive.admission import (
 from adaptive.budget import BudgetSource, as_budget
 from adaptive.errors import AdaptiveError
 from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible
-from adaptive.sharing import SharedCandidate
 
 __all__ = [
     "CacheStats", "CandidateSource", "InferResult", "Loader", "ModelStats", "UnknownModelError",
@@ -465,7 +464,9 @@ class VariantCache:
             if groups or any(getattr(c, "groups", None) for cs in checked.values() for c in cs):
                 raise AdaptiveError("share_weights computes the shared groups itself; pass plain "
                                     "Candidates and no groups=")
-            checked, groups = self._shared(checked)
+            from adaptive.catalog import share_candidates
+
+            checked, groups = share_candidates(self.store, checked)
         self._groups = _checked_groups(checked, groups)
         for model, cands in checked.items():
             floor = floors.pop(model, 0.0)
@@ -482,38 +483,6 @@ class VariantCache:
                                 f"{sorted(self._models)}")
         if not self._models:
             raise AdaptiveError("no models to serve: candidates is empty")
-
-    def _shared(self, checked: dict[str, list[Candidate]]
-                ) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
-        """Candidates as :class:`SharedCandidate`: the tensors each (served model, variant)
-        has in common with others form groups; the rest of its profiled memory is private."""
-        from variants.shared import sharing_groups, tensor_index
-
-        indices = {}
-        for model, cands in checked.items():
-            for c in cands:
-                path = self._manifests[c.variant].weights_path
-                if path is None:
-                    raise AdaptiveError(f"model {model!r}: {c.variant!r} has no torch weights "
-                                        f"(an ONNX-only variant); the torch backend cannot load "
-                                        f"it, drop it from the candidates")
-                indices[f"{model}/{c.variant}"] = tensor_index(path)
-        sg = sharing_groups(indices)
-        out = {}
-        for model, cands in checked.items():
-            out[model] = []
-            for c in cands:
-                label = f"{model}/{c.variant}"
-                needs = sg.needs[label]
-                if not needs:
-                    out[model].append(c)
-                    continue
-                private = max(c.memory_bytes - sg.shared_bytes(label), sg.private[label])
-                out[model].append(SharedCandidate(c.variant, private, c.accuracy, c.latency_s,
-                                                  c.load_s, groups=needs))
-        log.info("share_weights: %d groups, %.1f MB shared", len(sg.groups),
-                 sum(sg.groups.values()) / 1e6)
-        return out, sg.groups
 
     def _default_source(self) -> BudgetSource:
         from adaptive.budget import CgroupBudget, CudaFreeBudget

@@ -131,3 +131,47 @@ def demands_from_json(path) -> list[ModelDemand]:
                             f"[{{'variant', 'memory_bytes', 'accuracy', 'latency_s', "
                             f"'load_s'}}]}}]}}") from None
     return out
+
+
+def share_candidates(store, candidates: Mapping[str, Sequence[Candidate]]
+                     ) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
+    """``candidates`` (model -> candidates naming stored variants) as
+    :class:`~adaptive.sharing.SharedCandidate` objects and the groups' bytes, for hosting
+    them in one process that holds identical tensors once (the torch backend with a
+    :class:`variants.shared.TensorPool`; ``VariantCache(share_weights=True)``).
+
+    The tensors each (model, variant) has in common with others form groups
+    (:func:`variants.shared.sharing_groups` over the variants' safetensors); the rest of a
+    candidate's profiled memory is private. A model listed twice (aliases of one stored
+    base) shares all of its tensors with itself. Variants without torch weights (ONNX-only
+    int8) are an AdaptiveError: the torch backend cannot load them.
+    """
+    from adaptive.sharing import SharedCandidate
+    from variants.shared import sharing_groups, tensor_index
+
+    indices = {}
+    for model, cands in candidates.items():
+        for c in cands:
+            path = store.get(c.variant).weights_path
+            if path is None:
+                raise AdaptiveError(f"model {model!r}: {c.variant!r} has no torch weights (an "
+                                    f"ONNX-only variant); shared hosting uses the torch "
+                                    f"backend, which cannot load it: drop it from the "
+                                    f"candidates")
+            indices[f"{model}/{c.variant}"] = tensor_index(path)
+    sg = sharing_groups(indices)
+    out: dict[str, list[Candidate]] = {}
+    for model, cands in candidates.items():
+        out[model] = []
+        for c in cands:
+            label = f"{model}/{c.variant}"
+            needs = sg.needs[label]
+            if not needs:
+                out[model].append(c)
+                continue
+            private = max(c.memory_bytes - sg.shared_bytes(label), sg.private[label])
+            out[model].append(SharedCandidate(c.variant, private, c.accuracy, c.latency_s,
+                                              c.load_s, groups=needs))
+    log.info("shared hosting: %d groups, %.1f MB shared", len(sg.groups),
+             sum(sg.groups.values()) / 1e6)
+    return out, dict(sg.groups)

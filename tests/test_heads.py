@@ -90,6 +90,29 @@ def test_cli_heads_make_task_models_that_share_the_backbone(tmp_path):
         ids = np.full((2, 6), 1012, dtype=np.int64)
         y = variants.open_session(s, m).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
         assert y.shape == (2, 2)
+    # select --share charges the backbone once: both fit where separately only one would
+    from adaptive import Candidate, ModelDemand
+    from adaptive.catalog import demands_to_json
+
+    models = ("bert-tiny-things", "bert-tiny-more")
+    size = {m: sg.standalone_bytes(m) for m in models}
+    demands = [ModelDemand(m, [Candidate(m, size[m] + 1000, 0.9)]) for m in models]
+    prof = tmp_path / "profiles.json"
+    prof.write_text(json.dumps(demands_to_json(demands)))
+    budget = max(size.values()) + sum(sg.private.values()) + 10_000
+    assert budget < sum(size.values())  # separately, only one fits
+    budget = str(budget)
+    args = ["select", str(store), "--profiles", str(prof), "--budget", budget, "--json"]
+    plain = json.loads(runner.invoke(main, args).output)
+    assert sum(v is not None for v in plain["plan"].values()) == 1
+    r = runner.invoke(main, [*args, "--share", "--backend", "torch"])
+    assert r.exit_code == 0, r.output
+    shared = json.loads(r.output)
+    assert shared["plan"] == {m: m for m in models}
+    assert shared["memory_bytes"] <= int(budget)
+    assert sum(shared["shared_groups"].values()) == sum(sg.groups.values())
+    r = runner.invoke(main, [*args, "--share"])
+    assert r.exit_code == 2 and "--backend torch" in r.output
     # re-running reuses the trained heads and skips the stored variants
     r = runner.invoke(main, ["generate", "bert-tiny", "--heads", f"{a},{b}", "--out", str(store),
                              "--json"])
