@@ -1016,16 +1016,45 @@ class VariantCache:
         for st, c in waiting:
             self._load_into(st, c, "downgrades", raise_errors=False)
         ups.sort(key=lambda x: (x[0] is not admitted, -rates[x[0].index], x[0].name))
-        for st, c in ups:
-            kind = "upgrades" if cur[st.name] is not None else (
-                "cold_loads" if st is admitted else "prefetches")
-            if cur[st.name] is not None and not self._reserve(st, c):
-                self._retire_current(st)
-                self._load_into(st, c, kind, raise_errors=False)
-            elif cur[st.name] is not None:
-                self._swap_in(st, c, kind, raise_errors=False)
-            else:
-                self._load_into(st, c, kind, raise_errors=st is admitted)
+        # With shared groups what a load needs depends on what the others hold by then
+        # (another model's upgrade may bring the group this one needs), so a load that
+        # does not fit yet waits for the rest; one pass suffices without groups.
+        while ups:
+            later = []
+            for st, c in ups:
+                if self._fits(st, c):
+                    self._load_up(st, c, cur[st.name], admitted)
+                else:
+                    later.append((st, c))
+            if len(later) == len(ups):
+                break
+            ups = later
+        for st, c in ups:  # as planned: the reservation says whether it fits after all
+            self._load_up(st, c, cur[st.name], admitted)
+
+    def _fits(self, st: _Model, cand: Candidate) -> bool:
+        """Whether ``cand`` fits now, counting ``st``'s current variant as gone."""
+        with self._lock:
+            e = st.current
+            need, needs = self._need(st, cand)
+            if e is None:
+                return self._charged + need <= self._limit
+            freed = e.charge + sum(self._groups[g] for g in e.groups
+                                   if self._group_all[g] == 1 and g not in needs)
+            return self._charged - freed + need <= self._limit
+
+    def _load_up(self, st: _Model, c: Candidate, old: Candidate | None,
+                 admitted: _Model | None) -> None:
+        """An upgrade (make-before-break when it fits beside the old variant) or a load."""
+        kind = "upgrades" if old is not None else (
+            "cold_loads" if st is admitted else "prefetches")
+        if old is not None and not self._reserve(st, c):
+            self._retire_current(st)
+            self._load_into(st, c, kind, raise_errors=False)
+        elif old is not None:
+            self._swap_in(st, c, kind, raise_errors=False)
+        else:
+            self._load_into(st, c, kind, raise_errors=st is admitted)
 
     def _need(self, st: _Model, cand: Candidate) -> tuple[int, frozenset[str]]:
         """Lock held: the bytes loading ``cand`` adds now (its private bytes and the groups

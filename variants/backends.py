@@ -215,8 +215,10 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
                                f"{device!r}; use one pool per device")
         module, handle = pool.load(fam, manifest.arch, manifest.weights_path, name=manifest.name,
                                    index=tensor_index(manifest.weights_path))
-        return TorchSession(module, names, device=device, variant=manifest.name,
-                            release=lambda: pool.release(handle))
+        session = TorchSession(module, names, device=device, variant=manifest.name,
+                               release=lambda: pool.release(handle))
+        session.read_bytes = handle.read_bytes  # the rest was already in the pool
+        return session
     from safetensors.torch import load_file
 
     module = fam.rebuild(manifest.arch)

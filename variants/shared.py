@@ -270,6 +270,8 @@ class PoolHandle:
     name: str
     keys: frozenset[TensorKey]
     released: bool = field(default=False)
+    #: bytes read from the weights file when it was loaded (the rest was already pooled)
+    read_bytes: int = 0
 
     @property
     def bytes(self) -> int:
@@ -329,6 +331,7 @@ class TensorPool:
         slots = module_tensors(module)
         taken: set[TensorKey] = set()
         filled: set[str] = set()
+        read = 0
         try:
             with safe_open(str(weights), framework="pt") as f:
                 for n in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -345,6 +348,7 @@ class TensorPool:
                             filled.add(n)
                             continue
                     t = f.get_tensor(n)
+                    read += tensor_bytes(t)
                     if key is None:
                         key = tensor_key(t)
                     with self._lock:  # own copy: a kept view would pin the whole file mapping
@@ -360,6 +364,7 @@ class TensorPool:
                 for n, t in rest.items():
                     _set_tensor(module, n, self._take(rest_keys[n], t, taken))
                 handle = self._register(name, taken)
+                handle.read_bytes = read
         except BaseException:
             with self._lock:
                 self._drop(taken)
