@@ -194,6 +194,9 @@ def create_app(cache, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         metric("resident_bytes", "gauge", "Bytes charged to the budget.",
                [({}, st.bytes_resident)])
         metric("budget_bytes", "gauge", "The memory budget.", [({}, st.budget_bytes)])
+        metric("shared_bytes", "gauge", "Of the resident bytes: tensors shared by several "
+               "models, held and charged once (--share-weights).", [({}, st.shared_bytes)])
+        metric("host_bytes", "gauge", "The host tier (--host-tier).", [({}, st.host_bytes)])
         metric("http_errors_total", "counter", "HTTP 4xx/5xx responses.",
                [({}, counters["http_errors"])])
         metric("model_requests_total", "counter", "Requests per model.",
@@ -232,7 +235,8 @@ def build_cache(args):
     return VariantCache(args.store, device=args.device, budget=args.budget, floors=floors,
                         candidates=candidates, max_batch=args.max_batch,
                         rebalance_interval_s=args.rebalance_s, threads=args.threads,
-                        keep_host_bytes=args.host_tier)
+                        keep_host_bytes=args.host_tier, host_budget=args.host_budget,
+                        backend=args.backend, share_weights=args.share_weights)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session")
     ap.add_argument("--rebalance-s", type=float, default=5.0, help="re-plan period (seconds)")
     ap.add_argument("--host-tier", action="store_true", help="keep ONNX bytes in host memory")
+    ap.add_argument("--host-budget", default=None, help="bound of the host tier, e.g. 2GiB")
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    ap.add_argument("--share-weights", action="store_true",
+                    help="torch backend: hold tensors shared by models (a common backbone) "
+                         "once, and charge them once")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
