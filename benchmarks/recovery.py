@@ -50,8 +50,8 @@ def _variant_row(store, name: str, base_params: int) -> dict:
     m = store.get(name)
     row = {"variant": name, "params": m.params, "params_ratio": m.params / base_params}
     keys = ("accuracy_base", "accuracy_before", "accuracy_after", "fidelity_metric",
-            "fidelity_before", "fidelity_after", "recover_steps", "recover_seconds",
-            "recover_mode")
+            "fidelity_before", "fidelity_reconstructed", "fidelity_after", "recover_steps",
+            "recover_seconds", "recover_mode")
     row.update({k: m.metrics[k] for k in keys if k in m.metrics})
     if "accuracy_after" in row:
         row["accuracy_kept"] = row["accuracy_after"] / row["accuracy_base"]
@@ -161,11 +161,13 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['variant']} | {r['params']:,} | {_fmt(r['params_ratio'], True)} | "
                    f"{r['onnx_output_shapes_b1_b4']} |")
     out += ["", f"## MiniLM (all-MiniLM-L6-v2, {m['base_params']:,} params), held-out text",
-            "", "| variant | params | of base | token cosine before | after | recovery | "
-            "steps | s | ONNX shapes (B=1, B=4) |", "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+            "", "| variant | params | of base | token cosine before | least-squares | after | "
+            "recovery | steps | s | ONNX shapes (B=1, B=4) |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in m["variants"]:
         out.append(f"| {r['variant']} | {r['params']:,} | {_fmt(r['params_ratio'], True)} | "
-                   f"{_fmt(r['fidelity_before'])} | {_fmt(r['fidelity_after'])} | "
+                   f"{_fmt(r['fidelity_before'])} | {_fmt(r.get('fidelity_reconstructed'))} | "
+                   f"{_fmt(r['fidelity_after'])} | "
                    f"{r['recover_mode']} | {r['recover_steps']} | {r['recover_seconds']:.0f} | "
                    f"{r['onnx_output_shapes_b1_b4']} |")
     return "\n".join(out) + "\n"
