@@ -119,6 +119,11 @@ def test_cli_heads_make_task_models_that_share_the_backbone(tmp_path):
     again = json.loads(r.output)
     assert all(o["reused"] for o in again)
     assert {v["status"] for o in again for v in o["variants"]} == {"skipped"}
+    # other labels under the same name: refused with what to do, nothing stored is lost
+    _tsv(a, n=10)
+    r = runner.invoke(main, ["generate", "bert-tiny", "--heads", str(a), "--out", str(store)])
+    assert r.exit_code == 1 and "made from other labels" in r.output
+    assert variants.Store(store).get("bert-tiny-things").key == out[0]["variants"][0]["key"]
 
 
 @pytest.mark.parametrize("args, message", [

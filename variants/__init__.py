@@ -14,6 +14,7 @@ from variants.errors import (
     CorruptArtifactError,
     DataError,
     ExportError,
+    KeyConflictError,
     MemadaptError,
     SpecError,
     StoreError,
@@ -46,7 +47,8 @@ from variants.transforms import list_transforms
 
 __all__ = [
     "BackendError", "CorruptArtifactError", "DataError", "EarlyExit", "ExportError", "Family",
-    "GenerateResult", "Manifest", "MemadaptError", "ModelInfo", "Prune", "Quantize", "Session",
+    "GenerateResult", "KeyConflictError", "Manifest", "MemadaptError", "ModelInfo", "Prune",
+    "Quantize", "Session",
     "Spec", "SpecError", "Store", "StoreError", "UnknownNameError", "family_of", "generate",
     "get_family", "list_backends", "list_families", "list_models", "list_transforms",
     "open_onnx", "open_session", "parse_spec", "parse_variant_name", "plan_chains",

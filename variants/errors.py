@@ -30,6 +30,10 @@ class StoreError(MemadaptError):
     """The variant store is missing, inconsistent or corrupt."""
 
 
+class KeyConflictError(StoreError):
+    """A variant name is already stored from another base, spec chain or options."""
+
+
 class CorruptArtifactError(StoreError):
     """A stored file does not match the hash recorded in its manifest."""
 

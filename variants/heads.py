@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from variants.errors import DataError, SpecError
+from variants.errors import DataError, KeyConflictError, SpecError
 
 __all__ = ["HeadResult", "LabelSet", "generate_heads", "list_label_sets", "load_label_set",
            "train_head"]
@@ -273,9 +273,16 @@ def generate_heads(backbone: str, heads: Sequence[str], store, *, exits: Sequenc
                 {"key": meta, "classes": list(head.classes),
                  "train_accuracy": head.train_accuracy,
                  "heldout_accuracy": head.heldout_accuracy, "samples": head.samples}, indent=2))
-        results = generate(backbone, store, weights=str(folder), num_classes=len(ls.classes),
-                           name=name, exits=exits, quantize=quantize, prune=prune,
-                           combine=combine, seed=seed, recover_steps=recover_steps,
-                           progress=progress)
+        try:
+            results = generate(backbone, store, weights=str(folder),
+                               num_classes=len(ls.classes), name=name, exits=exits,
+                               quantize=quantize, prune=prune, combine=combine, seed=seed,
+                               recover_steps=recover_steps, progress=progress)
+        except KeyConflictError:
+            raise KeyConflictError(
+                f"{name!r} is already in {store.root}, made from other labels, another "
+                f"backbone or other options; delete its variants ({store.root / 'variants'}/"
+                f"{name}*) and {folder}, or use another store") from None
         out.append((head, results))
     return out
+

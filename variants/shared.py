@@ -544,8 +544,8 @@ def downgrade_in_place(full, family, exit_arch: dict, head: Mapping[str, Any]
 
     The exit module is built from ``full``'s own submodules (its prefix tensors are the
     very same objects) plus ``head`` (the head tensors, from :func:`load_exit_head`, kept
-    in memory while the model is resident). ``full`` is consumed: its tail tensors are
-    replaced by meta tensors so they are freed even if the caller still holds ``full``.
+    in memory while the model is resident). ``full`` is consumed: its tail slots are
+    emptied (None), so the tail tensors are freed even if the caller still holds ``full``.
     Returns ``(exit module in eval mode, bytes freed)``.
     """
     from variants.early_exit import EXIT_KEY, exit_adapter
@@ -574,13 +574,8 @@ def downgrade_in_place(full, family, exit_arch: dict, head: Mapping[str, Any]
         if t.data_ptr() not in kept_ptrs:
             freed[t.data_ptr()] = tensor_bytes(t)
         slots = owner._parameters if is_param else owner._buffers
-        if slots.get(leaf) is not t:
-            continue  # the slot now holds a head tensor (a BERT classifier's pooler)
-        empty = t.detach().to("meta")
-        if is_param:
-            owner._parameters[leaf] = type(t)(empty, requires_grad=False)
-        else:
-            owner._buffers[leaf] = empty
+        if slots.get(leaf) is t:  # (else it now holds a head tensor: a classifier's pooler)
+            slots[leaf] = None  # allowed in both dicts, and 10x cheaper than a meta tensor
     for m in _modules(exit_mod):  # new wrapper modules start in training mode
         m.training = False
     return exit_mod, sum(freed.values())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from variants.errors import CorruptArtifactError, StoreError, UnknownNameError
+from variants.errors import CorruptArtifactError, KeyConflictError, StoreError, UnknownNameError
 from variants.specs import Spec, spec_from_dict
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,9 @@ class Store:
             existing = self.get(name) if name in self else None
             if existing is not None and existing.key != manifest["key"]:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise StoreError(f"variant {name!r} already exists in {self.root} with another "
-                                 f"key ({existing.key}); use another --out store or --name")
+                raise KeyConflictError(f"variant {name!r} already exists in {self.root} with "
+                                       f"another key ({existing.key}); use another --out store "
+                                       f"or --name")
             # a leftover folder without a manifest is an interrupted write: replace it
             shutil.rmtree(target)
         os.replace(staging, target)
