@@ -107,9 +107,16 @@ def catalog_families(store: str, batch: int, relative_floor: float) -> list[Mode
 
 
 def base_bytes(demands: list[ModelDemand] | tuple[ModelDemand, ...]) -> int:
-    """Memory of every model's most accurate eligible variant, together (the 100% budget)."""
-    return sum(max(d.eligible(), key=lambda c: (c.accuracy, -c.memory_bytes)).memory_bytes
-               for d in demands)
+    """Memory of every model's base variant together (the 100% budget); for a model without
+    one, its most accurate eligible variant. (Not the most accurate everywhere: a recovered
+    variant can edge past its base on a small eval set, and the reference would then
+    shrink with that noise.)"""
+    total = 0
+    for d in demands:
+        base = next((c for c in d.candidates if "+" not in c.variant), None)  # clones too
+        total += (base or max(d.eligible(), key=lambda c: (c.accuracy, -c.memory_bytes))
+                  ).memory_bytes
+    return total
 
 
 def smallest_bytes(demands: list[ModelDemand] | tuple[ModelDemand, ...]) -> int:
