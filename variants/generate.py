@@ -158,7 +158,7 @@ def generate(model: str | None, store: Store | str, *,
 
     for i, chain in enumerate(full):
         vname = variant_name(base_name, chain)
-        key = variant_key(base_fp, chain, options)
+        key = variant_key(base_fp, chain, _key_options(fam.name, chain, options))
         tick(vname, i)
         if vname in store and store.get(vname).key == key:
             m = store.get(vname)
@@ -216,6 +216,19 @@ def generate(model: str | None, store: Store | str, *,
         results.append(GenerateResult(vname, key, "created", dt, params, m.bytes))
     tick("done", total)
     return results
+
+
+def _key_options(family: str, chain: Sequence[Spec], options: dict[str, Any]) -> dict[str, Any]:
+    """The options a variant's content depends on: for a chain with a prune or an exit,
+    also the family's recovery defaults (steps, rates), so changing them regenerates it
+    instead of skipping a variant recovered the old way."""
+    if not any(isinstance(s, (Prune, EarlyExit)) for s in chain):
+        return options
+    import dataclasses
+
+    from variants.recover import recovery_defaults
+
+    return {**options, "recovery": dataclasses.asdict(recovery_defaults(family))}
 
 
 def _task(fam, arch) -> str:
