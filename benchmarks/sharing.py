@@ -161,14 +161,12 @@ def exits(tmp: Path, repeat: int = 5) -> list[dict]:
             opened = []
             builtins.open = lambda *a, **kw: opened.append(a[0]) or real_open(*a, **kw)
             safetensors.safe_open = lambda *a, **kw: opened.append(a[0]) or real_safe(*a, **kw)
-            pinned, free_ms = [], []
+            # hold every tensor so the call's time is the surgery alone (collected here,
+            # outside the timed call); freeing is timed separately below
+            pinned, free_ms = [list(module_tensors(f).values()) for f in fulls], []
 
             def down():
-                full = fulls.pop()
-                # hold the tensors so the call's time is the surgery alone; freeing is
-                # timed separately below
-                pinned.append(list(module_tensors(full).values()))
-                return downgrade_in_place(full, fam_name, exit_arch, head)
+                return downgrade_in_place(fulls.pop(), fam_name, exit_arch, head)
 
             try:
                 down_ms, (small, freed) = _median_ms(down, repeat)
