@@ -515,6 +515,12 @@ class VariantCache:
     def budget_source(self) -> BudgetSource:
         return self._source
 
+    @property
+    def tensor_pool(self) -> Any:
+        """The :class:`variants.shared.TensorPool` sessions load through with
+        ``share_weights`` (its ``bytes()`` are the tensors really held), else None."""
+        return self._pool
+
     def resident_bytes(self) -> int:
         """Accounted bytes: resident sessions, sessions draining and loads in progress."""
         with self._lock:
@@ -790,17 +796,13 @@ class VariantCache:
         groups once)."""
         res = [-1] * len(self._names)
         order = []
-        held = 0
-        used: set[str] = set()
         for st in self._models.values():
             e = st.current
             if e is not None:
                 res[st.index] = st.index_of[e.cand.variant]
                 order.append((st.since, st.index))
-                held += e.charge
-                used |= e.groups
         order.sort()
-        return res, [m for _, m in order], held + sum(self._groups[g] for g in used)
+        return res, [m for _, m in order], self._bytes_of(res)
 
     def _lad(self, res: Sequence[int], pinned: _Model | None = None) -> Ladders:
         """The ladders to decide with. Without shared groups the static ones; with them,
@@ -1245,10 +1247,10 @@ def _batch_size(inputs: Any) -> int | None:
 def _checked_groups(candidates: Mapping[str, Sequence[Candidate]],
                     groups: Mapping[str, int]) -> dict[str, int]:
     """``groups`` validated against the groups the candidates name."""
-    from adaptive.sharing import _check_groups
+    from adaptive.sharing import check_groups
 
     try:
-        out = _check_groups(groups)
+        out = check_groups(groups)
     except ValueError as e:
         raise AdaptiveError(str(e)) from None
     for model, cands in candidates.items():

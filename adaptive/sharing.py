@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from adaptive.select import OBJECTIVES, Candidate, ModelDemand, Plan, select
 
-__all__ = ["MAX_EXACT_GROUPS", "SharedCandidate", "plan_groups", "select_shared", "shared_memory"]
+__all__ = ["MAX_EXACT_GROUPS", "SharedCandidate", "check_groups", "plan_groups", "select_shared",
+           "shared_memory"]
 
 #: :func:`select_shared` is exact up to this many relevant groups (2**G MCKP solves).
 MAX_EXACT_GROUPS = 10
@@ -94,7 +95,7 @@ def select_shared(demands: Sequence[ModelDemand], groups: Mapping[str, int],
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    group_bytes = _check_groups(groups)
+    group_bytes = check_groups(groups)
     demands = list(demands)
     for d in demands:
         if not isinstance(d, ModelDemand):
@@ -122,7 +123,8 @@ def select_shared(demands: Sequence[ModelDemand], groups: Mapping[str, int],
     return _local_search(demands, group_bytes, relevant, budget, objective, resident)
 
 
-def _check_groups(groups: Mapping[str, int]) -> dict[str, int]:
+def check_groups(groups: Mapping[str, int]) -> dict[str, int]:
+    """``groups`` (name -> bytes) as plain ints; ValueError naming a bad name or size."""
     out = {}
     for name, b in groups.items():
         if not isinstance(name, str) or not name:

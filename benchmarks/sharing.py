@@ -74,7 +74,7 @@ def child(mode: str, store_dir: Path) -> dict:
     assert all(np.isfinite(o.output).all() for o in outs.values())
     return {"mode": mode, "rss_delta_bytes": grown, "load_s": round(load_s, 3),
             "accounted_bytes": st.bytes_resident, "shared_bytes": st.shared_bytes,
-            "pool_bytes": cache._pool.bytes() if cache._pool is not None else None,
+            "pool_bytes": cache.tensor_pool.bytes() if cache.tensor_pool is not None else None,
             "outputs": {m: list(o.output.shape) for m, o in outs.items()},
             "resident": cache.resident()}
 

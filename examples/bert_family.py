@@ -101,7 +101,7 @@ def hosting(store: Path, backbone: str) -> None:
                           share_weights=share, threads=1) as cache:
             out = {m: cache.infer(m, feed) for m in names}
             assert all(np.isfinite(r.output).all() for r in out.values())
-            held = cache._pool.bytes() if share else both
+            held = cache.tensor_pool.bytes() if share else both
             acc = cache.resident_bytes()
         t.add_row(str(share), f"{held / 1e6:.1f}", f"{acc / 1e6:.1f}",
                   ", ".join(f"{r.variant} -> {tuple(r.output.shape)}" for r in out.values()))

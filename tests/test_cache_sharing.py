@@ -156,7 +156,7 @@ def test_share_weights_holds_the_backbone_once_in_real_tensors(task_store):
             assert out.variant == m
             np.testing.assert_allclose(out.output, refs[m], rtol=1e-5, atol=1e-6)
         assert cache.resident() == {"task-a": "task-a", "task-b": "task-b"}
-        pool = cache._pool
+        pool = cache.tensor_pool
         # the real tensors held: both models' weights with the backbone once (plus BERT's
         # non-persistent position/token-type id buffers, which are in no weights file)
         assert a + b - backbone <= pool.bytes() <= a + b - backbone + 65536
@@ -218,7 +218,7 @@ def test_shared_sessions_under_concurrent_swaps(task_store):
         stop.set()
         for t in threads:
             t.join()
-    pool = cache._pool
+    pool = cache.tensor_pool
     cache.close()
     assert not errors, errors[:3]
     assert pool.bytes() == 0

@@ -156,6 +156,9 @@ def _onnxruntime(manifest, device: str = "cpu", threads: int | None = None,
 class TorchSession(Session):
     """A torch module rebuilt from its architecture and safetensors weights."""
 
+    #: with a tensor pool: bytes read from the file when loaded (the rest was pooled)
+    read_bytes: int | None = None
+
     def __init__(self, module, input_names: Sequence[str], device: str = "cpu",
                  dtype=None, variant: str | None = None, release: Callable[[], Any] | None = None):
         import torch
@@ -217,7 +220,7 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
                                    index=tensor_index(manifest.weights_path))
         session = TorchSession(module, names, device=device, variant=manifest.name,
                                release=lambda: pool.release(handle))
-        session.read_bytes = handle.read_bytes  # the rest was already in the pool
+        session.read_bytes = handle.read_bytes
         return session
     from safetensors.torch import load_file
 
