@@ -240,3 +240,24 @@ def test_dynamic_exit_on_bert_classifier():
     assert runner.num_exits == 2
     out, exits = runner.run(cal.batches[0])
     assert out.shape == (16, 3) and set(exits.tolist()) <= {1, 2}
+
+
+@pytest.mark.parametrize("model,build", [("resnet10", {"num_classes": 10, "resolution": 32}),
+                                         ("bert-tiny", {}), ("bert-tiny", {"num_classes": 3})])
+def test_exit_modules_are_module_level_classes(model, build):
+    """Truncated models and their heads are classes a reader can import and pickle by name."""
+    import importlib
+    import pickle
+
+    import torch
+
+    fam = variants.family_of(model)
+    built = fam.build(model, **build)
+    inputs = fam.example_inputs(built.arch, 2, seq_len=8)
+    exit_mod, _ = variants.early_exit.exit_adapter(fam.name).truncate(built.module, built.arch, 1)
+    for m in (exit_mod, *exit_mod.modules()):
+        cls = type(m)
+        assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+    clone = pickle.loads(pickle.dumps(exit_mod.eval()))
+    with torch.no_grad():
+        assert torch.equal(clone(*inputs), exit_mod(*inputs))

@@ -211,7 +211,7 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
     fam = get_family(manifest.family)
     names = [i["name"] for i in manifest.inputs]
     if pool is not None:
-        from variants.shared import tensor_index
+        from variants.tensors import tensor_index
 
         if pool.device != device:
             raise BackendError(f"the tensor pool holds tensors on {pool.device!r}, not on "

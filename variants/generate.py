@@ -131,7 +131,7 @@ def generate(model: str | None, store: Store | str, *,
     for chain in todo:  # validate exit points (and that the family can exit) before any work
         for s in chain:
             if isinstance(s, EarlyExit):
-                from variants.early_exit import check_exit
+                from variants.exits import check_exit
 
                 check_exit(fam, base_arch, s.at)
     base_name = name or model

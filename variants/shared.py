@@ -24,17 +24,26 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from variants.errors import StoreError
+from variants.exits import EXIT_KEY, exit_adapter
+from variants.tensors import (
+    TensorKey,
+    empty_parameters,
+    meta_names,
+    module_tensors,
+    set_tensor,
+    tensor_bytes,
+    tensor_index,
+    tensor_key,
+)
 
 __all__ = [
     "PoolHandle", "SharingGroups", "TensorKey", "TensorPool", "Transition", "downgrade_in_place",
@@ -43,93 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-# ---- content keys ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorKey:
-    """What makes two tensors interchangeable: dtype, shape and the hash of their bytes."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    digest: str
-    nbytes: int
-
-
-def tensor_key(t) -> TensorKey:
-    """The content key of a tensor (its bytes are hashed on the CPU)."""
-    import torch
-
-    data = t.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous()
-    h = hashlib.sha256()
-    h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
-    if data.numel():
-        h.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-    return TensorKey(str(data.dtype), tuple(data.shape), h.hexdigest(),
-                     data.numel() * data.element_size())
-
-
-def tensor_bytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-# safetensors dtype codes -> torch's names, as tensor_key writes them
-_ST_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16",
-              "BF16": "torch.bfloat16", "I64": "torch.int64", "I32": "torch.int32",
-              "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8", "BOOL": "torch.bool"}
-
-
-def tensor_index(weights: str | Path) -> dict[str, TensorKey]:
-    """The content key of every tensor in a safetensors file, by name, without torch.
-
-    Reads the header and hashes each tensor's byte range; the keys equal
-    :func:`tensor_key` of the loaded tensors, so a :class:`TensorPool` can tell which
-    tensors of a file it already holds before reading any. Cached per (path, size, mtime).
-    """
-    p = Path(weights)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise StoreError(f"cannot read tensor index of {p}: {e}") from None
-    return dict(_tensor_index(str(p), st.st_size, st.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=256)
-def _tensor_index(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, TensorKey], ...]:
-    import json
-    import mmap
-    import struct
-
-    out = []
-    with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a {size}-byte file")
-            header = json.loads(f.read(n))
-        except (struct.error, ValueError) as e:
-            raise StoreError(f"{path} is not a safetensors file ({e}); regenerate the "
-                             f"variant") from None
-        header.pop("__metadata__", None)
-        if not header:
-            return ()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            for name, meta in sorted(header.items()):
-                dtype = _ST_DTYPES.get(meta["dtype"])
-                if dtype is None:
-                    raise StoreError(f"{path}: tensor {name!r} has dtype {meta['dtype']} that "
-                                     f"memadapt does not share; known: {sorted(_ST_DTYPES)}")
-                a, b = meta["data_offsets"]
-                shape = tuple(int(x) for x in meta["shape"])
-                h = hashlib.sha256(f"{dtype}|{shape}|".encode())
-                if b > a:
-                    h.update(memoryview(mm)[8 + n + a:8 + n + b])
-                out.append((name, TensorKey(dtype, shape, h.hexdigest(), b - a)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -188,58 +110,6 @@ def sharing_groups(indices: Mapping[str, Mapping[str, TensorKey]]) -> SharingGro
     return SharingGroups(groups, users, {v: frozenset(g) for v, g in needs.items()}, private)
 
 
-def module_tensors(module) -> dict[str, Any]:
-    """Every parameter and buffer of ``module`` by dotted name (tied ones under each name,
-    non-persistent buffers included)."""
-    out = dict(module.named_parameters(remove_duplicate=False))
-    out.update(module.named_buffers(remove_duplicate=False))
-    return out
-
-
-def _set_tensor(module, name: str, tensor) -> None:
-    """Put ``tensor`` in the parameter or buffer slot ``name`` (a Parameter sharing its
-    storage for a parameter slot; no copy)."""
-    from torch import nn
-
-    owner, _, leaf = name.rpartition(".")
-    sub = module.get_submodule(owner) if owner else module
-    if leaf in sub._parameters:
-        if not isinstance(tensor, nn.Parameter):
-            tensor = nn.Parameter(tensor, requires_grad=False)
-        sub._parameters[leaf] = tensor
-    elif leaf in sub._buffers:
-        sub._buffers[leaf] = tensor.data if isinstance(tensor, nn.Parameter) else tensor
-    else:
-        raise KeyError(f"{name!r} is neither a parameter nor a buffer of {type(sub).__name__}")
-
-
-_PATCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Build modules whose *parameters* are on the meta device (no memory, no init cost);
-    buffers stay real, because non-persistent ones (BERT's ``position_ids``) are not in
-    any weights file. Patches ``nn.Module.register_parameter`` for the duration: the
-    same trick as ``accelerate.init_empty_weights(include_buffers=False)``."""
-    from torch import nn
-
-    with _PATCH_LOCK:
-        original = nn.Module.register_parameter
-
-        def register(self, name, param):
-            original(self, name, param)
-            if param is not None and param.device.type != "meta":
-                kind = type(self._parameters[name])
-                self._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
-
-        nn.Module.register_parameter = register
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = original
-
-
 def _skeleton(family, arch: dict):
     """``family.rebuild(arch)`` with meta parameters."""
     from variants.families import get_family
@@ -247,10 +117,6 @@ def _skeleton(family, arch: dict):
     fam = get_family(family) if isinstance(family, str) else family
     with empty_parameters():
         return fam.rebuild(arch)
-
-
-def _meta_names(module) -> list[str]:
-    return [n for n, t in module_tensors(module).items() if t.device.type == "meta"]
 
 
 # ---- the pool --------------------------------------------------------------------------------
@@ -310,12 +176,12 @@ class TensorPool:
         tensors = module_tensors(module)
         keyed = {n: tensor_key(t) for n, t in tensors.items() if t.device.type != "meta"}
         if len(keyed) != len(tensors):
-            raise ValueError(f"module has meta tensors {_meta_names(module)[:5]}; load their "
+            raise ValueError(f"module has meta tensors {meta_names(module)[:5]}; load their "
                              f"values first (TensorPool.load builds and fills a skeleton)")
         taken: set[TensorKey] = set()
         with self._lock:
             for n, key in keyed.items():
-                _set_tensor(module, n, self._take(key, tensors[n], taken))
+                set_tensor(module, n, self._take(key, tensors[n], taken))
             return module.to(self.device), self._register(name, taken)
 
     def load(self, family, arch: dict, weights: str | Path, name: str | None = None, *,
@@ -344,7 +210,7 @@ class TensorPool:
                         with self._lock:
                             t = self._take_held(key, taken)
                         if t is not None:
-                            _set_tensor(module, n, t)
+                            set_tensor(module, n, t)
                             filled.add(n)
                             continue
                     t = f.get_tensor(n)
@@ -352,9 +218,9 @@ class TensorPool:
                     if key is None:
                         key = tensor_key(t)
                     with self._lock:  # own copy: a kept view would pin the whole file mapping
-                        _set_tensor(module, n, self._take(key, t, taken, copy=True))
+                        set_tensor(module, n, self._take(key, t, taken, copy=True))
                     filled.add(n)
-            missing = _meta_names(module)
+            missing = meta_names(module)
             if missing:
                 raise StoreError(f"{weights} lacks {len(missing)} tensors of "
                                  f"{arch.get('model')!r}, e.g. {missing[:3]}")
@@ -362,7 +228,7 @@ class TensorPool:
             rest_keys = {n: tensor_key(t) for n, t in rest.items()}
             with self._lock:  # tensors not in the file (non-persistent buffers) join too
                 for n, t in rest.items():
-                    _set_tensor(module, n, self._take(rest_keys[n], t, taken))
+                    set_tensor(module, n, self._take(rest_keys[n], t, taken))
                 handle = self._register(name, taken)
                 handle.read_bytes = read
         except BaseException:
@@ -483,9 +349,8 @@ def exit_head_keys(family, exit_arch: dict) -> frozenset[str]:
     """Names of the exit@k variant's head tensors: everything in it that is *not* the
     full model's prefix (for a BERT classifier that includes its fine-tuned pooler and
     classifier, whose names the full model also has)."""
-    skel = _skeleton(family, exit_arch)
-    ids = {id(p) for p in skel.head_parameters()}
-    return frozenset(n for n, p in skel.named_parameters(remove_duplicate=False) if id(p) in ids)
+    fam = _family(family)
+    return exit_adapter(fam.name).head_keys(_skeleton(fam, exit_arch))
 
 
 def load_exit_head(family, exit_arch: dict, exit_weights: str | Path) -> dict[str, Any]:
@@ -499,19 +364,6 @@ def load_exit_head(family, exit_arch: dict, exit_weights: str | Path) -> dict[st
         if missing:
             raise StoreError(f"{exit_weights} lacks the exit head tensors {sorted(missing)[:3]}")
         return {k: f.get_tensor(k) for k in sorted(keys)}
-
-
-def _cut_bert(module, at: int) -> None:
-    from torch import nn
-
-    bert = module.bert if hasattr(module, "bert") else module.model.bert
-    bert.encoder.layer = nn.ModuleList(list(bert.encoder.layer)[:at])
-    bert.config.num_hidden_layers = at
-
-
-# Family-specific surgery that leaves only the prefix in the module before the exit
-# adapter wraps it. ResNetExit picks its layers itself, so ResNet needs none.
-_PREFIX_CUTS = {"bert": _cut_bert}
 
 
 def _modules(module) -> list[Any]:
@@ -548,18 +400,15 @@ def downgrade_in_place(full, family, exit_arch: dict, head: Mapping[str, Any]
     emptied (None), so the tail tensors are freed even if the caller still holds ``full``.
     Returns ``(exit module in eval mode, bytes freed)``.
     """
-    from variants.early_exit import EXIT_KEY, exit_adapter
-
     fam = _family(family)
+    adapter = exit_adapter(fam.name)
     at = int(exit_arch[EXIT_KEY]["at"])
     before = _slots(full)
-    cut = _PREFIX_CUTS.get(fam.name)
-    if cut is not None:
-        cut(full, at)
+    adapter.cut_prefix(full, at)
     with empty_parameters():  # the head's fresh parameters cost nothing: head fills them
-        exit_mod = exit_adapter(fam.name).rebuild(full, exit_arch)
+        exit_mod = adapter.rebuild(full, exit_arch)
     for name, t in head.items():
-        _set_tensor(exit_mod, name, t)
+        set_tensor(exit_mod, name, t)
     after = _slots(exit_mod)
     missing = [k for _, k, t, _ in after if t.device.type == "meta"]
     if missing:
@@ -600,15 +449,15 @@ def upgrade_in_place(exit_mod, family, full_arch: dict, full_weights: str | Path
     for name, t in have.items():
         if name in head or name not in slots or tuple(slots[name].shape) != tuple(t.shape):
             continue
-        _set_tensor(skel, name, t)
+        set_tensor(skel, name, t)
         reused.add(name)
     with safe_open(str(full_weights), framework="pt") as f:
         # every stored tensor not reused: parameters and persistent buffers (BatchNorm
         # statistics) alike, since the skeleton's buffers hold init values, not the model's
         read = sorted(set(f.keys()) - reused)
         for name in read:
-            _set_tensor(skel, name, f.get_tensor(name))
-    missing = _meta_names(skel)
+            set_tensor(skel, name, f.get_tensor(name))
+    missing = meta_names(skel)
     if missing:
         raise StoreError(f"{full_weights} lacks {missing[:3]}; is it the full variant of "
                          f"this exit module?")

@@ -48,7 +48,7 @@ OnnxTransform = Callable[[Path, Path, Spec, dict, TransformContext], None]
 
 _TORCH: dict[type, TorchTransform] = {}
 _ONNX: dict[type, OnnxTransform] = {}
-_REBUILD: list[tuple[str | None, str, Callable[[Any, dict], Any]]] = []
+_REBUILD: list[tuple[int, str | None, str, Callable[[Any, dict], Any]]] = []
 
 
 def register_torch_transform(spec_type: type[Spec]):
@@ -67,16 +67,21 @@ def register_onnx_transform(spec_type: type[Spec]):
     return deco
 
 
-def register_rebuild_hook(family: str | None, arch_key: str):
-    """Decorator: ``fn(module, arch) -> module``, run by ``rebuild`` when ``arch_key`` in arch."""
+def register_rebuild_hook(family: str | None, arch_key: str, *, order: int = 0):
+    """Decorator: ``fn(module, arch) -> module``, run by ``rebuild`` when ``arch_key`` in arch.
+
+    Hooks run by ascending ``order``, then in registration order: shape hooks (pruning,
+    0) before wrapping hooks (early exit, 1), whichever module was imported first."""
     def deco(fn):
-        _REBUILD.append((family, arch_key, fn))
+        _REBUILD.append((order, family, arch_key, fn))
         return fn
     return deco
 
 
 def rebuild_hooks(family: str, arch: dict) -> list[Callable[[Any, dict], Any]]:
-    return [fn for fam, key, fn in _REBUILD if (fam is None or fam == family) and key in arch]
+    hooks = sorted(enumerate(_REBUILD), key=lambda ih: (ih[1][0], ih[0]))
+    return [fn for _, (_, fam, key, fn) in hooks
+            if (fam is None or fam == family) and key in arch]
 
 
 def torch_transform(spec: Spec) -> TorchTransform:

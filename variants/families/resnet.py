@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from variants.errors import DataError, UnknownNameError
+from variants.exits import EXIT_KEY, ExitAdapter, register_exit_adapter
 from variants.families._base import Built, Family, InputSpec, ModelInfo, register_family
 from variants.weights import load_state_dict_file
 
@@ -121,3 +122,49 @@ class ResNetFamily(Family):
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         return ((x - mean) / std,)
+
+
+# ---- exit points -----------------------------------------------------------------------------
+
+@register_exit_adapter
+class ResNetExits(ExitAdapter):
+    """Exit ``k`` follows ``layer{k}``; its head average-pools to a 2x2 grid and classifies
+    with one Linear (:class:`variants.families._resnet_nn.PooledLinearHead`)."""
+
+    family = "resnet"
+
+    #: side of the pooled grid the exit heads classify from
+    pool = 2
+
+    @staticmethod
+    def _channels(module, at: int) -> int:
+        from torch import nn
+
+        bns = [m for m in getattr(module, f"layer{at}").modules() if isinstance(m, nn.BatchNorm2d)]
+        return bns[-1].num_features
+
+    def new_head(self, module, arch, at):
+        from variants.families._resnet_nn import PooledLinearHead
+
+        return PooledLinearHead(self._channels(module, at), module.fc.out_features, self.pool)
+
+    def truncate(self, module, arch, at):
+        arch = {**arch, EXIT_KEY: {"at": at, "head": "pooled-linear",
+                                   "channels": self._channels(module, at), "pool": self.pool,
+                                   "classes": module.fc.out_features}}
+        return self.rebuild(module, arch), arch
+
+    def rebuild(self, module, arch):
+        """:class:`ResNetExit` takes the prefix's layers itself, so no cut is needed."""
+        from variants.families._resnet_nn import PooledLinearHead, ResNetExit
+
+        spec = arch[EXIT_KEY]
+        return ResNetExit(module, spec["at"], PooledLinearHead(spec["channels"], spec["classes"],
+                                                               spec["pool"]))
+
+    def stages(self, module, arch):
+        from torch import nn
+
+        stem = nn.Sequential(module.conv1, module.bn1, module.relu, module.maxpool, module.layer1)
+        final = nn.Sequential(module.avgpool, nn.Flatten(1), module.fc)
+        return [stem, module.layer2, module.layer3, module.layer4], final
