@@ -66,7 +66,8 @@ class Move:
 class Ladders:
     """Static per-model facts the decisions need, derived once from the demands.
 
-    ``ladder[m]`` lists the candidate indices of model ``m`` that meet its floor and are not
+    ``ladder[m]`` lists the candidate indices of model ``m`` that are eligible
+    (:meth:`~adaptive.select.ModelDemand.eligible`: the floor, and the SLO) and are not
     dominated (no other eligible candidate is as small and as accurate), by increasing memory:
     walking it down is a sequence of downgrades that each free memory and cost accuracy.
     ``lmem``/``lacc`` are memory and accuracy along the ladder, ``pos_of[m][k]`` the rung of
@@ -84,7 +85,8 @@ class Ladders:
         self.eligible: list[list[int]] = []
         self.ladder: list[list[int]] = []
         for d in self.demands:
-            elig = [k for k, c in enumerate(d.candidates) if c.accuracy >= d.floor]
+            ok = {id(c) for c in d.eligible()}
+            elig = [k for k, c in enumerate(d.candidates) if id(c) in ok]
             self.eligible.append(elig)
             rungs: list[int] = []
             for k in sorted(elig, key=lambda k, d=d: (d.candidates[k].memory_bytes,

@@ -96,6 +96,7 @@ def demands_to_json(demands: Sequence[ModelDemand]) -> dict[str, Any]:
     """A JSON-ready document of per-model candidates (the ``--profiles`` file format)."""
     return {"version": 1, "families": [
         {"model": d.model, "floor": d.floor, "rate": d.rate,
+         **({"slo_s": d.slo_s} if d.slo_s is not None else {}),
          "candidates": [{"variant": c.variant, "memory_bytes": c.memory_bytes,
                          "accuracy": c.accuracy, "latency_s": c.latency_s, "load_s": c.load_s}
                         for c in d.candidates]} for d in demands]}
@@ -123,11 +124,14 @@ def demands_from_json(path) -> list[ModelDemand]:
                 else:
                     cands.append(Candidate(c[0], int(c[1]), float(c[2]), float(c[3]),
                                            float(c[4])))
+            slo = f.get("slo_s")
             out.append(ModelDemand(f["model"], cands, floor=float(f.get("floor", 0.0)),
-                                   rate=float(f.get("rate", 1.0))))
+                                   rate=float(f.get("rate", 1.0)),
+                                   slo_s=None if slo is None else float(slo)))
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise AdaptiveError(f"{str(path)!r} is not a profiles file ({type(e).__name__}: {e}); "
-                            f"expected {{'families': [{{'model', 'floor', 'candidates': "
+                            f"expected {{'families': [{{'model', 'floor', ['slo_s',] "
+                            f"'candidates': "
                             f"[{{'variant', 'memory_bytes', 'accuracy', 'latency_s', "
                             f"'load_s'}}]}}]}}") from None
     return out

@@ -162,9 +162,9 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     base_of = {d.model: store.get(d.candidates[0].variant).base for d in demands}
     acc_of = {(d.model, c.variant): c.accuracy for d in demands for c in d.candidates}
 
-    policy = get_policy("memadapt")
+    policy = get_policy("memadapt-v1")
     log.info("simulating %d requests over %d models", len(trace), len(demands))
-    sim = simulate(trace, demands, get_policy("memadapt"), budget_bytes)
+    sim = simulate(trace, demands, get_policy("memadapt-v1"), budget_bytes)
 
     inputs = _inputs(store, demands, trace)
     now = [0.0]

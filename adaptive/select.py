@@ -96,12 +96,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ModelDemand:
-    """A model, the variants it may run as, its accuracy floor and its request rate."""
+    """A model, the variants it may run as, its accuracy floor, its request rate and,
+    optionally, its latency SLO (seconds per request at the profiled batch)."""
 
     model: str
     candidates: Sequence[Candidate]
     floor: float = 0.0
     rate: float = 1.0
+    slo_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", tuple(self.candidates))
@@ -113,13 +115,28 @@ class ModelDemand:
             raise ValueError(f"model {self.model!r}: rate must be >= 0, got {self.rate!r}")
         object.__setattr__(self, "floor", float(self.floor))
         object.__setattr__(self, "rate", float(self.rate))
+        if self.slo_s is not None:
+            if isinstance(self.slo_s, bool) or not (isinstance(self.slo_s, (int, float))
+                                                    and math.isfinite(self.slo_s)
+                                                    and self.slo_s > 0):
+                raise ValueError(f"model {self.model!r}: slo_s must be a number of seconds > 0 "
+                                 f"or None, got {self.slo_s!r}")
+            object.__setattr__(self, "slo_s", float(self.slo_s))
         names = [c.variant for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.model!r}: duplicate candidate variants in {names}")
 
     def eligible(self) -> tuple[Candidate, ...]:
-        """Candidates whose accuracy meets the floor."""
-        return tuple(c for c in self.candidates if c.accuracy >= self.floor)
+        """Candidates whose accuracy meets the floor and, when the model has an SLO that some
+        of them meet, whose latency meets it too (as INFaaS does: a variant too slow for its
+        deadline is not a choice; when none is fast enough the floor alone decides, so the
+        model stays servable)."""
+        ok = tuple(c for c in self.candidates if c.accuracy >= self.floor)
+        if self.slo_s is not None:
+            fast = tuple(c for c in ok if c.latency_s <= self.slo_s)
+            if fast:
+                return fast
+        return ok
 
 
 @dataclass(frozen=True)
@@ -343,7 +360,7 @@ def _prepare(demands: list[ModelDemand], objective: str,
     for i in sorted(range(n), key=[d.model for d in demands].__getitem__):
         d = demands[i]
         rate = d.rate
-        floor = d.floor
+        elig = d.eligible()
         scale = rate * acc_scale
         base = int(rate * hit_scale + 0.5) * hit_weight
         # Points are (memory, -key, variant, candidate); (memory, -key, variant) is unique,
@@ -352,7 +369,7 @@ def _prepare(demands: list[ModelDemand], objective: str,
             points = []
         elif resident is None:
             points = [(c.memory_bytes, -(base + int(scale * c.accuracy + 0.5)), c.variant, c)
-                      for c in d.candidates if c.accuracy >= floor]
+                      for c in elig]
         else:
             kept = resident.get(d.model)
             # Keeping a non-resident model out is also "no change": rather than a bonus on
@@ -361,7 +378,7 @@ def _prepare(demands: list[ModelDemand], objective: str,
             points = [(c.memory_bytes,
                        -((base + int(scale * c.accuracy + 0.5)) * tie - shift
                          + (c.variant == kept)), c.variant, c)
-                      for c in d.candidates if c.accuracy >= floor]
+                      for c in elig]
         mi = len(models)
         if not points:
             models.append(_Options(i, [0], [0], [None]))

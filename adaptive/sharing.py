@@ -144,7 +144,7 @@ def _solve_subset(demands: list[ModelDemand], group_bytes: dict[str, int],
     if left < 0:
         return None
     sub = [ModelDemand(d.model, [c for c in d.candidates if _groups_of(c) <= subset],
-                       floor=d.floor, rate=d.rate) for d in demands]
+                       floor=d.floor, rate=d.rate, slo_s=d.slo_s) for d in demands]
     res = None
     if resident is not None:
         kept = {d.model: {c.variant for c in d.candidates} for d in sub}

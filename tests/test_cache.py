@@ -421,7 +421,8 @@ def test_without_prefetch_a_replan_loads_nothing(store):
 @pytest.mark.parametrize("kind", ["zipf", "bursty"])
 def test_decisions_match_the_simulators_memadapt(store, kind):
     """Driven by the same trace, clock and budget changes, the cache makes exactly the
-    simulator's memadapt decisions (misses, evictions, downgrades, upgrades)."""
+    simulator's memadapt-v1 decisions (the rules the cache runs): misses, evictions,
+    downgrades, upgrades."""
     from adaptive.policies import get_policy
     from adaptive.select import ModelDemand
     from adaptive.simulate import simulate
@@ -436,7 +437,7 @@ def test_decisions_match_the_simulators_memadapt(store, kind):
     tr = synth(kind, names, 3000, seed=3, duration_s=1800)
     budget = BudgetTrace(np.array([0.0, 400.0, 800.0, 1200.0, 1500.0]),
                          np.array([2000, 900, 1500, 3200, 700]))
-    pol = get_policy("memadapt")
+    pol = get_policy("memadapt-v1")
     sim = simulate(tr, demands, pol, budget)
     assert sim.rejected == 0
 

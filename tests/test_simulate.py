@@ -66,7 +66,9 @@ def budget_trace(population) -> BudgetTrace:
 
 def _check_invariants(r: SimResult, budget: int | BudgetTrace) -> None:
     assert r.floor_violations == 0
-    assert r.hits + r.misses + r.rejected == r.requests
+    assert r.hits + r.misses + r.stalls + r.rejected == r.requests
+    assert 0 <= r.effective_accuracy <= r.slo_attainment <= 1
+    assert 0 <= r.normalized_accuracy <= 1
     for _t, used, b in r.memory_series:
         assert 0 <= used <= b
     limit = budget if isinstance(budget, int) else int(budget.budget_bytes.max())
@@ -126,9 +128,9 @@ def test_cache_rejects_a_policy_that_overfills():
             simulate(RequestTrace.from_names([0, 2], ["a", "a"]), demands, "_test_greedy",
                      BudgetTrace(np.array([0.0, 1.0]), np.array([15, 5])))
     finally:
-        from adaptive import policies
+        from adaptive import policy_base
 
-        del policies._POLICIES["_test_greedy"]
+        del policy_base._POLICIES["_test_greedy"]
 
 
 # --- exact behaviour on tiny traces ----------------------------------------------------------
@@ -159,13 +161,39 @@ def test_lru_hand_computed_sequence():
     assert r.mean_accuracy == pytest.approx(0.9)
 
 
-def test_request_during_a_load_waits_for_it():
+def test_request_during_a_load_waits_for_it_and_is_a_miss():
     tr = RequestTrace.from_names([0.0, 0.25, 5.0], ["A", "A", "A"], batch=[1, 2, 1])
     r = simulate(tr, _tiny(load_s=1.0, lat=0.1), "lru", 100)
-    assert (r.hits, r.misses) == (2, 1)
+    assert (r.hits, r.misses, r.stalls) == (1, 2, 0)  # a load a request waits for is a miss
     # 1.1 (cold) + 0.75 wait + 0.2 exec (batch 2) + 0.1
     assert r.mean_latency_s == pytest.approx((1.1 + 0.95 + 0.1) / 3)
     assert r.load_delay_over_exec == pytest.approx(1.75 / 0.4)
+    # no SLO: only the request that did not wait is on time
+    assert r.slo_attainment == pytest.approx(1 / 3)
+    assert r.effective_accuracy == pytest.approx(0.9 / 3)
+
+
+def test_slo_metrics_count_requests_within_their_deadline():
+    tr = RequestTrace.from_names([0.0, 0.25, 5.0], ["A", "A", "A"], batch=[1, 2, 1])
+    demands = [ModelDemand("A", [Candidate("base", 100, 0.9, 0.1, 1.0)], slo_s=1.15)]
+    r = simulate(tr, demands, "lru", 100)
+    # latencies 1.1, 0.95, 0.1: all within 1.15 s
+    assert r.slo_attainment == 1.0 and r.effective_accuracy == pytest.approx(0.9)
+    assert r.goodput == pytest.approx(3 / 5.0)
+    assert r.bytes_loaded == 100
+
+
+def test_slo_makes_slow_variants_ineligible_unless_none_is_fast_enough():
+    fast = Candidate("int8", 40, 0.85, 0.05, 0.2)
+    slow = Candidate("base", 100, 0.9, 0.4, 1.0)
+    d = ModelDemand("m", [slow, fast], floor=0.8, slo_s=0.3)
+    assert d.eligible() == (fast,)
+    assert ModelDemand("m", [slow], floor=0.8, slo_s=0.3).eligible() == (slow,)
+    for policy in ("lru", "memadapt", "infaas"):
+        r = simulate(RequestTrace.from_names([0, 10], ["m", "m"]), [d], policy, 1000)
+        assert r.mean_accuracy == pytest.approx(0.85), policy
+    with pytest.raises(ValueError, match="slo_s"):
+        ModelDemand("m", [fast], slo_s=0)
 
 
 def test_infeasible_requests_are_rejected_not_served():
@@ -190,29 +218,57 @@ def test_whole_model_policies_fall_back_to_a_variant_that_fits():
     assert r.mean_accuracy == pytest.approx(0.85)
 
 
-def test_memadapt_downgrades_instead_of_evicting_on_a_budget_drop():
-    demands = [ModelDemand(x, [Candidate("base", 100, 0.9, 0.01, 1.0),
-                               Candidate("int8", 40, 0.88, 0.01, 0.5)]) for x in "AB"]
-    tr = RequestTrace.from_names([0, 1, 20, 21], list("ABAB"))
-    budget = BudgetTrace(np.array([0.0, 10.0]), np.array([200, 100]))
+def _two_variants(models: str, base: int = 100, small: int = 40, small_acc: float = 0.88):
+    return [ModelDemand(x, [Candidate("base", base, 0.9, 0.01, 1.0),
+                            Candidate("int8", small, small_acc, 0.01, 0.5)]) for x in models]
+
+
+def test_memadapt_loads_fast_upgrades_without_waits_and_downgrades_on_a_budget_drop():
+    demands = _two_variants("AB")
+    tr = RequestTrace.from_names([0, 1, 15, 25, 35, 45, 120, 121], list("ABABABAB"))
+    budget = BudgetTrace(np.array([0.0, 100.0]), np.array([300, 100]))
     mem = simulate(tr, demands, "memadapt", budget)
     lru = simulate(tr, demands, "lru", budget)
-    assert (mem.misses, mem.evictions, mem.swaps) == (2, 0, 2)  # both kept, downgraded
+    # misses load int8 (fastest); the plan at t=15 upgrades both make-before-break (no
+    # request waits); the drop at t=100 steps both down instead of evicting one
+    assert (mem.misses, mem.stalls, mem.evictions, mem.swaps) == (2, 0, 0, 4)
+    assert mem.policy_stats["upgrades"] == 2 and mem.policy_stats["urgent_downgrades"] == 2
+    # A at t=15 is still served by int8 while its upgrade loads beside it
+    assert mem.mean_accuracy == pytest.approx((0.88 * 5 + 0.9 * 3) / 8)
     assert (lru.misses, lru.evictions) == (4, 3)
-    assert mem.mean_accuracy == pytest.approx((0.9 + 0.9 + 0.88 + 0.88) / 4)
-    # after the drop the series shows the shrunken cache
-    assert (10.0, 80, 100) in mem.memory_series
+    assert (100.0, 80, 100) in mem.memory_series
+    # both variants are charged while an upgrade loads: 40 + 40 + 100 + 100 at the peak
+    assert mem.peak_bytes == 280
 
 
-def test_memadapt_downgrades_others_to_admit_a_new_model_then_evicts_only_if_needed():
-    demands = [ModelDemand(x, [Candidate("base", 100, 0.9), Candidate("int8", 50, 0.85)])
-               for x in "ABCDE"]
-    tr = RequestTrace.from_names([0, 1, 2, 3, 4, 5], list("ABCDAE"))
+def test_memadapt_takes_room_from_upgrades_before_it_evicts():
+    demands = _two_variants("ABCDE", small=50, small_acc=0.85)
+    tr = RequestTrace.from_names([0, 1, 15, 30, 40, 50], list("ABACDE"))
     r = simulate(tr, demands, "memadapt", 200)
-    # A,B at base fill the budget; C, D are admitted by downgrading (4 x 50 = 200);
-    # A hits; E finally needs an eviction.
+    # A upgraded at t=15; C fits; D is admitted by stepping A down (break-before-make);
+    # only E, with every resident at its smallest, needs an eviction
     assert (r.misses, r.hits, r.evictions) == (5, 1, 1)
-    assert r.swaps >= 2
+    assert r.policy_stats["upgrades"] == 1 and r.policy_stats["urgent_downgrades"] == 1
+
+
+def test_make_before_break_never_overfills_and_break_before_make_stalls():
+    from adaptive.cachestate import CacheState
+
+    d = _two_variants("A")
+    c2 = CacheState(d, 140)
+    c2.load(0, 1, 0.0)
+    c2.swap(0, 0, 1.0, "mbb")  # 40 + 100 charged until t=2
+    assert (c2.used, c2.res[0], c2.pend[0]) == (140, 1, 0)
+    c2.settle(1.5)
+    assert c2.res[0] == 1
+    c2.settle(2.0)
+    assert (c2.used, c2.res[0], c2.pend[0], c2.stalling[0]) == (100, 0, -1, False)
+    c2.swap(0, 1, 3.0, "bbm")  # base released at once, int8 loads until 3.5: a stall
+    assert (c2.used, c2.res[0], c2.ready_at[0], c2.stalling[0]) == (40, 1, 3.5, True)
+    c3 = CacheState(d, 120)
+    c3.load(0, 1, 0.0)
+    with pytest.raises(CacheInvariantError, match="make-before-break .* over the budget"):
+        c3.swap(0, 0, 1.0, "mbb")  # 40 + 100 > 120
 
 
 def test_memadapt_upgrades_when_the_budget_returns(population):
@@ -278,7 +334,7 @@ def test_memadapt_misses_less_than_lru_when_small_variants_exist(kind, populatio
 
 
 def test_unknown_policy_and_bad_options_list_what_is_known():
-    with pytest.raises(PolicyError, match="unknown policy 'fifo'; known policies: belady"):
+    with pytest.raises(PolicyError, match="unknown policy 'fifo'; known policies: .*belady"):
         get_policy("fifo")
     with pytest.raises(PolicyError, match="memadapt"):
         get_policy("memadapt", tau_s=0)

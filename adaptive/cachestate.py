@@ -1,0 +1,218 @@
+"""What a simulated cache holds, byte for byte, and the only code that moves those bytes.
+
+Policies decide; :class:`CacheState` carries the decisions out and enforces the invariants the
+project promises whatever a policy does: at most one *serving* variant per model, and what is
+charged never above the budget at any instant.
+
+Swap semantics (the same the real :class:`~adaptive.cache.VariantCache` uses):
+
+* **make-before-break** (``mode="mbb"``): the new variant loads beside the old one, which keeps
+  serving; both are charged until the load completes, then the old one is released. No request
+  waits. The memory it frees (a downgrade) is free only once the load is done.
+* **break-before-make** (``mode="bbm"``): the old variant is released at once and the new one
+  charged; requests for the model wait until the new one is loaded. Each request that waits
+  for such a swap is a **stall**.
+* a **load** (the model had nothing resident): requests wait for it; each is a **miss**
+  (including those that arrive while it is still loading: a load a request waits for is a
+  miss).
+
+Pending make-before-break loads complete lazily: :meth:`settle` is called with the current
+time before every request and budget change, which is exact because completion only releases
+memory and nothing is decided between events.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+
+from adaptive.admission import Ladders
+from adaptive.errors import AdaptiveError
+from adaptive.select import ModelDemand
+
+__all__ = ["SWAP_MODES", "CacheInvariantError", "CacheState"]
+
+SWAP_MODES = ("mbb", "bbm")
+
+
+class CacheInvariantError(AdaptiveError, AssertionError):
+    """A policy tried to break the cache's invariants (over budget, two variants, ...).
+
+    A subclass of AssertionError because it is a bug in the policy, not in the caller's input;
+    it is raised explicitly (not with ``assert``) so ``python -O`` keeps the check.
+    """
+
+
+class CacheState:
+    """What is resident, per model one serving candidate index or -1, and the bytes charged.
+
+    Per-model profile numbers are kept as plain lists of lists: the simulator touches them once
+    per request and list indexing is several times cheaper than numpy scalar access.
+    ``ladder[m]`` lists the candidate indices of ``m`` that are eligible (meet the floor, and
+    the SLO where one can be met) and are not dominated, ordered by memory.
+
+    ``res[m]`` serves (or, while ``ready_at[m]`` is in the future, is being loaded; ``stalling``
+    says whether that wait is a break-before-make swap or a load); ``pend[m]`` is a variant
+    loading beside it (make-before-break), ready at ``pend_at[m]``.
+    """
+
+    def __init__(self, demands: Sequence[ModelDemand], budget: int):
+        lad = Ladders(demands)
+        #: the static facts the variant-aware decisions use (see :mod:`adaptive.admission`)
+        self.ladders = lad
+        self.demands = lad.demands
+        self.names = lad.names
+        self.n = lad.n
+        self.mem = lad.mem
+        self.acc = lad.acc
+        self.lat = [[float(c.latency_s) for c in d.candidates] for d in self.demands]
+        self.load_s = [[float(c.load_s) for c in d.candidates] for d in self.demands]
+        self.floor = [float(d.floor) for d in self.demands]
+        self.eligible = lad.eligible
+        self.ladder = lad.ladder
+        #: smallest eligible memory per model (inf when nothing meets the floor)
+        self.min_mem = lad.min_mem
+        self.res = [-1] * self.n
+        self.ready_at = [0.0] * self.n
+        self.stalling = [False] * self.n
+        self.pend = [-1] * self.n
+        self.pend_at = [math.inf] * self.n
+        self._heap: list[tuple[float, int, int]] = []
+        self.resident: dict[int, None] = {}  # insertion-ordered set of resident models
+        self.used = 0
+        self.peak = 0
+        self.budget = int(budget)
+        self.loads = 0
+        self.evictions = 0
+        self.swaps = 0
+        self.cancels = 0
+        self.bytes_loaded = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def best_fit(self, m: int, limit: float) -> int:
+        """The most accurate eligible candidate of ``m`` taking at most ``limit`` bytes, or -1."""
+        return self.ladders.best_fit(m, limit)
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.used
+
+    def charged(self, m: int) -> int:
+        """Bytes model ``m`` holds now (its serving variant plus one loading beside it)."""
+        b = self.mem[m][self.res[m]] if self.res[m] >= 0 else 0
+        if self.pend[m] >= 0:
+            b += self.mem[m][self.pend[m]]
+        return b
+
+    def next_event(self) -> float:
+        """When the next make-before-break load completes (inf: none pending)."""
+        return self._heap[0][0] if self._heap else math.inf
+
+    # -- moves -----------------------------------------------------------------------------
+
+    def _charge(self, delta: int, what: str, shrink_ok: bool = False) -> None:
+        used = self.used + delta
+        if used > self.budget and not (shrink_ok and delta <= 0):
+            raise CacheInvariantError(f"{what} would use {used} bytes, over the budget of "
+                                      f"{self.budget}")
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+
+    def settle(self, t: float) -> None:
+        """Complete every make-before-break load that is done by ``t``."""
+        heap = self._heap
+        while heap and heap[0][0] <= t:
+            at, m, v = heapq.heappop(heap)
+            if self.pend[m] != v or self.pend_at[m] != at:
+                continue  # cancelled or replaced
+            self.used -= self.mem[m][self.res[m]]
+            self.res[m] = v
+            self.ready_at[m] = at
+            self.stalling[m] = False
+            self.pend[m] = -1
+            self.pend_at[m] = math.inf
+
+    def load(self, m: int, v: int, t: float) -> None:
+        """Make variant ``v`` of a non-resident model resident; usable from ``t + load_s``."""
+        if self.res[m] >= 0:
+            raise CacheInvariantError(f"load {self.names[m]!r}: already resident as candidate "
+                                      f"{self.res[m]}; swap instead (one variant per model)")
+        self._charge(self.mem[m][v], f"load {self.names[m]!r} ({self.mem[m][v]} bytes)")
+        self.res[m] = v
+        self.ready_at[m] = t + self.load_s[m][v]
+        self.stalling[m] = False
+        self.resident[m] = None
+        self.loads += 1
+        self.bytes_loaded += self.mem[m][v]
+
+    def cancel(self, m: int) -> None:
+        """Abandon model ``m``'s make-before-break load, if any (its bytes come back)."""
+        p = self.pend[m]
+        if p >= 0:
+            self.used -= self.mem[m][p]
+            self.pend[m] = -1
+            self.pend_at[m] = math.inf
+            self.cancels += 1
+
+    def evict(self, m: int) -> None:
+        """Drop model ``m`` from memory (and anything loading for it)."""
+        v = self.res[m]
+        if v < 0:
+            raise CacheInvariantError(f"evict {self.names[m]!r}: not resident")
+        self.cancel(m)
+        self.used -= self.mem[m][v]
+        self.res[m] = -1
+        del self.resident[m]
+        self.evictions += 1
+
+    def swap(self, m: int, v: int, t: float, mode: str = "mbb") -> None:
+        """Replace resident ``m``'s variant by ``v``, make-before-break or break-before-make
+        (see the module docstring). A swap to the variant already loading beside it in
+        ``bbm`` mode breaks the old one and waits for the rest of that load."""
+        cur = self.res[m]
+        if cur < 0:
+            raise CacheInvariantError(f"swap {self.names[m]!r}: not resident; load it")
+        if mode == "mbb":
+            if self.pend[m] == v:
+                return
+            self.cancel(m)
+            if cur == v:
+                return
+            self._charge(self.mem[m][v], f"make-before-break swap of {self.names[m]!r} to "
+                                         f"candidate {v}")
+            self.swaps += 1
+            self.bytes_loaded += self.mem[m][v]
+            at = t + self.load_s[m][v]
+            if at <= t and self.ready_at[m] <= t:  # nothing to load: switch now
+                self.used -= self.mem[m][cur]
+                self.res[m] = v
+                return
+            self.pend[m] = v
+            self.pend_at[m] = at
+            heapq.heappush(self._heap, (at, m, v))
+            return
+        if mode != "bbm":
+            raise CacheInvariantError(f"unknown swap mode {mode!r}; one of {SWAP_MODES}")
+        if self.pend[m] == v:  # break the old one, keep the load already under way
+            at = self.pend_at[m]
+            self.pend[m] = -1
+            self.pend_at[m] = math.inf
+            self.used -= self.mem[m][cur]
+        else:
+            self.cancel(m)
+            if cur == v:
+                return
+            self._charge(self.mem[m][v] - self.mem[m][cur],
+                         f"break-before-make swap of {self.names[m]!r} to candidate {v}",
+                         shrink_ok=True)
+            self.swaps += 1
+            self.bytes_loaded += self.mem[m][v]
+            at = t + self.load_s[m][v]
+        waiting_load = self.ready_at[m] > t and not self.stalling[m]
+        self.res[m] = v
+        self.ready_at[m] = max(at, t)
+        # requests already waiting for a cold load keep waiting for a load (misses)
+        self.stalling[m] = not waiting_load and at > t

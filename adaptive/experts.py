@@ -1,0 +1,103 @@
+"""Which resident model to give up: eviction orders that learn from shadow caches.
+
+No single order wins everywhere: recency (LRU) wins on bursty traffic, where a model asked for
+now is asked for again soon; frequency per byte (GDSF-like: decayed request rate / bytes)
+wins on stable popularity, where recency evicts a hot model after one unlucky gap. Like ARC and
+LeCaR, :class:`EvictionExperts` runs one cheap *ghost* cache per order beside the real one
+(model ids only, each at its smallest eligible size, under the same budget), counts each
+ghost's misses with exponential decay, and ranks real residents by the order whose ghost has
+missed least lately. Pure Python, O(1) per request for LRU and O(resident) per ghost eviction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from adaptive.admission import Rates
+
+__all__ = ["ORDERS", "EvictionExperts"]
+
+#: the eviction orders the experts compare, in tie-break order
+ORDERS = ("gdsf", "lru")
+
+
+class EvictionExperts:
+    """Shadow caches, one per order in :data:`ORDERS`, over ``sizes`` (bytes per model; inf for
+    a model that can never be resident). ``rates`` is the policy's own :class:`Rates` (the
+    caller counts each request there first); ``half_life_s`` is how fast a ghost's misses are
+    forgotten."""
+
+    __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_lru_used",
+                 "_gd", "_gd_used", "_logsize", "wins")
+
+    def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0):
+        self.sizes = [float(s) for s in sizes]
+        self.rates = rates
+        self.half_life_s = float(half_life_s)
+        self.score = [0.0] * len(ORDERS)  # decayed ghost misses
+        self.last_t = 0.0
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._lru_used = 0.0
+        self._gd: dict[int, None] = {}
+        self._gd_used = 0.0
+        self._logsize = [math.log(max(s, 1.0)) if math.isfinite(s) else math.inf
+                         for s in self.sizes]
+        self.wins = [0] * len(ORDERS)  # times each order ranked a real eviction
+
+    def request(self, m: int, t: float, budget: float) -> None:
+        """Request for model ``m`` at ``t`` under ``budget`` bytes: update every ghost."""
+        size = self.sizes[m]
+        if t > self.last_t:
+            f = 0.5 ** ((t - self.last_t) / self.half_life_s)
+            self.score = [s * f for s in self.score]
+            self.last_t = t
+        if size > budget:
+            return
+        lru = self._lru
+        if m in lru:
+            lru.move_to_end(m)
+        else:
+            self.score[1] += 1.0
+            lru[m] = None
+            self._lru_used += size
+            while self._lru_used > budget:
+                v, _ = lru.popitem(last=False)
+                self._lru_used -= self.sizes[v]
+        gd = self._gd
+        if m not in gd:
+            self.score[0] += 1.0
+            key = self.rates.key
+            ls = self._logsize
+            while self._gd_used + size > budget and gd:
+                v = min(gd, key=lambda r: key[r] - ls[r])
+                del gd[v]
+                self._gd_used -= self.sizes[v]
+            gd[m] = None
+            self._gd_used += size
+
+    def shrink(self, budget: float) -> None:
+        """The budget dropped: the ghosts give up what no longer fits, each in its order."""
+        while self._lru_used > budget and self._lru:
+            v, _ = self._lru.popitem(last=False)
+            self._lru_used -= self.sizes[v]
+        key, ls = self.rates.key, self._logsize
+        while self._gd_used > budget and self._gd:
+            v = min(self._gd, key=lambda r: key[r] - ls[r])
+            del self._gd[v]
+            self._gd_used -= self.sizes[v]
+
+    def order(self) -> int:
+        """Index into :data:`ORDERS` of the order whose ghost missed least lately."""
+        return min(range(len(ORDERS)), key=self.score.__getitem__)
+
+    def victim(self, candidates: Sequence[int] | dict[int, None]) -> int:
+        """The model among ``candidates`` (non-empty) the winning order gives up first."""
+        k = self.order()
+        self.wins[k] += 1
+        if ORDERS[k] == "lru":
+            last = self.rates.last
+            return min(candidates, key=last.__getitem__)
+        key, ls = self.rates.key, self._logsize
+        return min(candidates, key=lambda r: key[r] - ls[r])
