@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from adaptive.errors import AdaptiveError
 from adaptive.units import format_size, parse_size
+from variants.registry import Registry
 
 __all__ = [
     "BudgetError", "BudgetSource", "CallableBudget", "CgroupBudget", "CudaFreeBudget",
@@ -103,18 +104,16 @@ class BudgetSource(ABC):
         return True
 
 
-_SOURCES: dict[str, type[BudgetSource]] = {}
+_SOURCES: Registry[type[BudgetSource]] = Registry("budget source", error=BudgetError)
 
 
-def register_budget_source(name: str) -> Callable[[type[BudgetSource]], type[BudgetSource]]:
+def register_budget_source(name: str, *, replace: bool = False
+                           ) -> Callable[[type[BudgetSource]], type[BudgetSource]]:
     """Class decorator: make a :class:`BudgetSource` available by name."""
 
     def deco(cls: type[BudgetSource]) -> type[BudgetSource]:
-        if name in _SOURCES and _SOURCES[name] is not cls:
-            raise BudgetError(f"budget source {name!r} is already registered by "
-                              f"{_SOURCES[name].__name__}")
+        _SOURCES.register(name, cls, replace=replace)
         cls.name = name
-        _SOURCES[name] = cls
         return cls
 
     return deco
@@ -122,16 +121,12 @@ def register_budget_source(name: str) -> Callable[[type[BudgetSource]], type[Bud
 
 def list_budget_sources() -> list[str]:
     """Names of the registered budget sources."""
-    return sorted(_SOURCES)
+    return _SOURCES.names()
 
 
 def make_budget_source(name: str, **kwargs: Any) -> BudgetSource:
     """Build the registered source ``name`` with ``kwargs``."""
-    cls = _SOURCES.get(name)
-    if cls is None:
-        raise BudgetError(f"unknown budget source {name!r}; known: "
-                          f"{', '.join(list_budget_sources())}")
-    return cls(**kwargs)
+    return _SOURCES.get(name)(**kwargs)
 
 
 @register_budget_source("fixed")

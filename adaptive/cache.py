@@ -161,11 +161,11 @@ def default_loader(manifest: Any, device: str, backend: str, source_bytes: bytes
                    threads: int | None = None, pool: Any = None) -> Any:
     """Open a stored variant with the registered ``backend`` (from bytes when given; through
     the tensor ``pool`` when given, torch only)."""
-    from variants.backends import _BACKENDS
+    from variants.backends import get_backend
 
     extra = {} if pool is None else {"pool": pool}
-    return _BACKENDS[backend](manifest, device=device, threads=threads, source=source_bytes,
-                              **extra)
+    return get_backend(backend)(manifest, device=device, threads=threads, source=source_bytes,
+                                **extra)
 
 
 def catalog_candidates(store: Any, device: str, backend: str,

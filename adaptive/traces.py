@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from adaptive.errors import AdaptiveError
+from variants.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def validate_models(trace: RequestTrace, known: Iterable[str]) -> None:
 # Synthetic generators
 
 Generator = Callable[..., tuple[np.ndarray, np.ndarray]]
-_KINDS: dict[str, Generator] = {}
+_KINDS: Registry[Generator] = Registry("trace kind", error=TraceError)
 
 
 def register_trace_kind(name: str) -> Callable[[Generator], Generator]:
@@ -411,18 +412,12 @@ def register_trace_kind(name: str) -> Callable[[Generator], Generator]:
     Generators may return unsorted times in ``[0, duration_s)``; :func:`synth` sorts them.
     """
 
-    def deco(fn: Generator) -> Generator:
-        if name in _KINDS:
-            raise ValueError(f"trace kind {name!r} is already registered")
-        _KINDS[name] = fn
-        return fn
-
-    return deco
+    return _KINDS.register(name)
 
 
 def list_trace_kinds() -> list[str]:
     """Names accepted by :func:`synth`."""
-    return sorted(_KINDS)
+    return _KINDS.names()
 
 
 def synth(kind: str, models: int | Sequence[str], requests: int, seed: int,
@@ -432,9 +427,6 @@ def synth(kind: str, models: int | Sequence[str], requests: int, seed: int,
     The same (kind, models, requests, seed, duration_s, kw) always gives the same trace.
     """
     fn = _KINDS.get(kind)
-    if fn is None:
-        raise TraceError(f"unknown trace kind {kind!r}; known kinds: "
-                         f"{', '.join(list_trace_kinds())}")
     if isinstance(models, int):
         if models < 1:
             raise TraceError(f"models must be >= 1, got {models}")

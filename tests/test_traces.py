@@ -181,7 +181,7 @@ def test_generators_are_deterministic_sorted_and_exact(kind):
 
 def test_all_four_kinds_exist_and_unknown_kind_lists_them():
     assert {"zipf", "bursty", "diurnal", "azure"} <= set(list_trace_kinds())
-    with pytest.raises(TraceError, match="unknown trace kind 'poisson'; known kinds: azure"):
+    with pytest.raises(TraceError, match="unknown trace kind 'poisson'; known: azure"):
         synth("poisson", 3, 10, seed=0)
 
 

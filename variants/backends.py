@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from variants.errors import BackendError, UnknownNameError
+from variants.errors import BackendError
+from variants.registry import Registry
 
 log = logging.getLogger(__name__)
 
-_BACKENDS: dict[str, Callable[..., Session]] = {}
+_BACKENDS: Registry[Callable[..., Session]] = Registry("backend")
 
 #: onnxruntime's CPU memory arena grows in large steps and never shrinks, so with it an
 #: int8 ResNet-18 peaks *above* its fp32 parent at batch 8 (141 vs 118 MiB). Without it a
@@ -26,15 +27,19 @@ _BACKENDS: dict[str, Callable[..., Session]] = {}
 CPU_MEM_ARENA = False
 
 
-def register_backend(name: str):
-    def deco(factory):
-        _BACKENDS[name] = factory
-        return factory
-    return deco
+def register_backend(name: str, *, replace: bool = False):
+    """Decorator: ``factory(manifest, device=, threads=, source=[, pool=]) -> Session``, the
+    loader :func:`open_session` and the variant cache use for backend ``name``."""
+    return _BACKENDS.register(name, replace=replace)
 
 
 def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return _BACKENDS.names()
+
+
+def get_backend(name: str) -> Callable[..., Session]:
+    """The session factory registered as backend ``name`` (unknown: the error lists them)."""
+    return _BACKENDS.get(name)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -235,10 +240,9 @@ def open_session(store, name: str, *, device: str = "cpu", backend: str = "onnxr
     from variants.store import Store
 
     store = store if isinstance(store, Store) else Store(store)
-    if backend not in _BACKENDS:
-        raise UnknownNameError("backend", backend, list_backends())
+    factory = get_backend(backend)
     manifest = store.verify(name) if verify else store.get(name)
-    return _BACKENDS[backend](manifest, device=device, threads=threads)
+    return factory(manifest, device=device, threads=threads)
 
 
 def default_threads() -> int:

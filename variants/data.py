@@ -15,6 +15,7 @@ in one sub-folder per class.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from variants.errors import DataError
+from variants.registry import Registry
 
-BUILTIN_SOURCES = ("random", "digits", "text")
+#: built-in data sources by name: ``fn(split) -> Dataset`` for split train/calib/eval
+_SOURCES: Registry[Callable[[str], Dataset]] = Registry("data source", error=DataError)
 #: "heldout" is what training is judged on: the built-in eval split, or the 20% of a user's
 #: labelled file that "train" leaves out (a user's file given for evaluation is used whole)
 SPLITS = ("train", "calib", "eval", "heldout")
@@ -52,8 +55,19 @@ class Dataset:
             yield self.inputs[i:i + batch], lab
 
 
+def register_source(name: str, *, replace: bool = False):
+    """Decorator: ``fn(split) -> Dataset`` (split train, calib or eval) as data source
+    ``name``, usable wherever a source is accepted (``--calib``, ``--eval``)."""
+    return _SOURCES.register(name, replace=replace)
+
+
 def list_sources() -> list[str]:
-    return list(BUILTIN_SOURCES)
+    return _SOURCES.names()
+
+
+@register_source("random")
+def _random(split: str) -> Dataset:
+    raise DataError("'random' has no stored samples; use calibration()")
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +81,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return x[order], y[order]
 
 
+@register_source("digits")
 def _digits_split(split: str) -> Dataset:
     x, y = _digits()
     # 1197 train, 200 calib, 400 eval: calibration never sees the eval images
@@ -171,6 +186,7 @@ def _corpus() -> tuple[str, ...]:
     return tuple(s for s, _ in labelled_corpus())
 
 
+@register_source("text")
 def _text_split(split: str) -> Dataset:
     """About 50% train, 25% calib, 25% eval of the corpus, disjoint. A sentence's split and
     its place in it come from a hash of the sentence itself, so a sentence that one Python
@@ -189,7 +205,7 @@ def _from_path(p: Path, split: str) -> Dataset:
         return _image_folder(p)
     if not p.is_file():
         raise DataError(f"data source {str(p)!r} is neither a built-in name "
-                        f"({', '.join(BUILTIN_SOURCES)}) nor an existing file or folder")
+                        f"({', '.join(list_sources())}) nor an existing file or folder")
     if p.suffix == ".npz":
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
@@ -238,12 +254,8 @@ def load_data(source: str, split: str = "calib") -> Dataset:
     """A built-in source by name or a user path; ``split`` picks train/calib/eval."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-    if source == "digits":
-        return _digits_split("eval" if split == "heldout" else split)
-    if source == "text":
-        return _text_split("eval" if split == "heldout" else split)
-    if source == "random":
-        raise DataError("'random' has no stored samples; use calibration()")
+    if source in _SOURCES:
+        return _SOURCES.get(source)("eval" if split == "heldout" else split)
     ds = _from_path(Path(source), split)
     if ds.labels is None or split in ("calib", "eval"):
         return ds

@@ -26,6 +26,10 @@ class UnknownNameError(MemadaptError, KeyError):
         return self.args[0]
 
 
+class DuplicateNameError(MemadaptError, ValueError):
+    """A name is registered twice with different entries (pass ``replace=True`` to mean it)."""
+
+
 class StoreError(MemadaptError):
     """The variant store is missing, inconsistent or corrupt."""
 

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from variants.errors import SpecError
+from variants.registry import Registry
 from variants.transforms import register_rebuild_hook
 
 #: the arch key under which a truncated variant records its exit point and head
@@ -63,28 +64,26 @@ class ExitAdapter(ABC):
                          if id(p) in ids)
 
 
-_ADAPTERS: dict[str, ExitAdapter] = {}
+_ADAPTERS: Registry[ExitAdapter] = Registry("exit adapter")
 
 
 def register_exit_adapter(cls: type[ExitAdapter]) -> type[ExitAdapter]:
     """Class decorator: early-exit support for ``cls.family`` (and its rebuild hook)."""
-    adapter = cls()
-    _ADAPTERS[cls.family] = adapter
+    adapter = _ADAPTERS.register(cls.family, cls())
     # after the shape hooks: the exit wraps the pruned structure
     register_rebuild_hook(cls.family, EXIT_KEY, order=1)(adapter.rebuild)
     return cls
 
 
 def list_exit_families() -> list[str]:
-    return sorted(_ADAPTERS)
+    return _ADAPTERS.names()
 
 
 def exit_adapter(family: str) -> ExitAdapter:
-    try:
-        return _ADAPTERS[family]
-    except KeyError:
+    if family not in _ADAPTERS:
         raise SpecError(f"early exit is not implemented for family {family!r}; families with "
-                        f"exit points: {', '.join(list_exit_families())}") from None
+                        f"exit points: {', '.join(list_exit_families())}")
+    return _ADAPTERS.get(family)
 
 
 def check_exit(family, arch: dict, at: int) -> ExitAdapter:

@@ -30,6 +30,7 @@ from typing import Any
 
 from variants.errors import SpecError
 from variants.recover import recover
+from variants.registry import Registry
 from variants.specs import Prune
 from variants.transforms import TransformContext, register_rebuild_hook, register_torch_transform
 
@@ -41,19 +42,16 @@ ROUND_TO = 8
 
 #: fn(module, ratio, arch, ctx) -> arch: prune ``module`` in place, return the updated arch
 Pruner = Callable[[Any, float, dict, TransformContext], dict]
-_PRUNERS: dict[str, Pruner] = {}
+_PRUNERS: Registry[Pruner] = Registry("pruner")
 
 
 def register_pruner(family: str):
     """Decorator: the pruner used for ``family`` (others get :func:`prune_generic`)."""
-    def deco(fn: Pruner) -> Pruner:
-        _PRUNERS[family] = fn
-        return fn
-    return deco
+    return _PRUNERS.register(family)
 
 
 def list_pruners() -> list[str]:
-    return sorted(_PRUNERS)
+    return _PRUNERS.names()
 
 
 @register_torch_transform(Prune)
@@ -63,7 +61,7 @@ def prune_module(module, spec: Prune, arch: dict, ctx: TransformContext):
     n_before = _count(module)
     for p in module.parameters():  # torch-pruning traces the graph through autograd
         p.requires_grad_(True)
-    pruner = _PRUNERS.get(ctx.family.name, prune_generic)
+    pruner = _PRUNERS.find(ctx.family.name, prune_generic)
     arch = pruner(module, spec.ratio, arch, ctx)
     arch[STRUCTURE_KEY] = structure_changes(before, module)
     n_after = _count(module)

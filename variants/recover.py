@@ -42,6 +42,7 @@ import numpy as np
 
 from variants.data import Dataset, load_data
 from variants.errors import DataError
+from variants.registry import Registry
 from variants.transforms import TransformContext
 
 log = logging.getLogger(__name__)
@@ -79,16 +80,17 @@ class RecoveryConfig:
             raise ValueError(f"bad recovery config {self}")
 
 
-_DEFAULTS: dict[str, RecoveryConfig] = {}
+_DEFAULTS: Registry[RecoveryConfig] = Registry("recovery defaults")
 
 
-def register_recovery_defaults(family: str, config: RecoveryConfig) -> None:
+def register_recovery_defaults(family: str, config: RecoveryConfig, *,
+                               replace: bool = False) -> None:
     """Set the recovery defaults of a family (others use ``RecoveryConfig()``)."""
-    _DEFAULTS[family] = config
+    _DEFAULTS.register(family, config, replace=replace)
 
 
 def recovery_defaults(family: str) -> RecoveryConfig:
-    return _DEFAULTS.get(family, RecoveryConfig())
+    return _DEFAULTS.find(family, RecoveryConfig())
 
 
 # Measured on 2 cores: ResNet-18 on digits at 32x32, 300 steps of 64 images (16 epochs of

@@ -14,19 +14,19 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from variants.errors import SpecError
+from variants.registry import Registry
 
 SPEC_VERSION = 1
-_SPEC_TYPES: dict[str, type[Spec]] = {}
+_SPEC_TYPES: Registry[type[Spec]] = Registry("spec kind", error=SpecError)
 
 
 def register_spec(cls: type[Spec]) -> type[Spec]:
     """Class decorator: make a spec type known to :func:`spec_from_dict`."""
-    _SPEC_TYPES[cls.kind] = cls
-    return cls
+    return _SPEC_TYPES.register(cls.kind, cls)
 
 
 def list_spec_kinds() -> list[str]:
-    return sorted(_SPEC_TYPES)
+    return _SPEC_TYPES.names()
 
 
 @dataclass(frozen=True)
@@ -117,15 +117,14 @@ def spec_from_dict(d: dict) -> Spec:
     if not isinstance(d, dict) or "kind" not in d:
         raise SpecError(f"not a spec dictionary: {d!r}")
     kind = d["kind"]
-    if kind not in _SPEC_TYPES:
-        raise SpecError(f"unknown spec kind {kind!r}; known: {', '.join(list_spec_kinds())}")
+    cls = _SPEC_TYPES.get(kind)
     version = d.get("version", SPEC_VERSION)
     if version > SPEC_VERSION:
         raise SpecError(f"spec {kind!r} has version {version}, newer than this memadapt "
                         f"understands ({SPEC_VERSION}); upgrade memadapt")
     fields = {k: v for k, v in d.items() if k not in ("kind", "version")}
     try:
-        return _SPEC_TYPES[kind](**fields)
+        return cls(**fields)
     except TypeError as e:
         raise SpecError(f"bad fields for spec {kind!r}: {fields!r} ({e})") from None
 

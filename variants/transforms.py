@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from variants.errors import SpecError
+from variants.registry import Registry
 from variants.specs import Spec
 
 log = logging.getLogger(__name__)
@@ -46,25 +47,20 @@ class TransformContext:
 TorchTransform = Callable[[Any, Spec, dict, TransformContext], tuple[Any, dict]]
 OnnxTransform = Callable[[Path, Path, Spec, dict, TransformContext], None]
 
-_TORCH: dict[type, TorchTransform] = {}
-_ONNX: dict[type, OnnxTransform] = {}
+# keyed by the spec's kind ("prune", "exit", "quantize")
+_TORCH: Registry[TorchTransform] = Registry("torch transform", error=SpecError)
+_ONNX: Registry[OnnxTransform] = Registry("ONNX transform", error=SpecError)
 _REBUILD: list[tuple[int, str | None, str, Callable[[Any, dict], Any]]] = []
 
 
 def register_torch_transform(spec_type: type[Spec]):
     """Decorator: ``fn(module, spec, arch, ctx) -> (new_module, new_arch)``."""
-    def deco(fn: TorchTransform) -> TorchTransform:
-        _TORCH[spec_type] = fn
-        return fn
-    return deco
+    return _TORCH.register(spec_type.kind)
 
 
 def register_onnx_transform(spec_type: type[Spec]):
     """Decorator: ``fn(src_onnx, dst_onnx, spec, arch, ctx) -> None``."""
-    def deco(fn: OnnxTransform) -> OnnxTransform:
-        _ONNX[spec_type] = fn
-        return fn
-    return deco
+    return _ONNX.register(spec_type.kind)
 
 
 def register_rebuild_hook(family: str | None, arch_key: str, *, order: int = 0):
@@ -85,18 +81,12 @@ def rebuild_hooks(family: str, arch: dict) -> list[Callable[[Any, dict], Any]]:
 
 
 def torch_transform(spec: Spec) -> TorchTransform:
-    fn = _TORCH.get(type(spec))
-    if fn is None:
-        raise SpecError(f"no torch implementation registered for {spec.kind!r}")
-    return fn
+    return _TORCH.get(spec.kind)
 
 
 def onnx_transform(spec: Spec) -> OnnxTransform:
-    fn = _ONNX.get(type(spec))
-    if fn is None:
-        raise SpecError(f"no ONNX implementation registered for {spec.kind!r}")
-    return fn
+    return _ONNX.get(spec.kind)
 
 
 def list_transforms() -> list[str]:
-    return sorted({t.kind for t in (*_TORCH, *_ONNX)})
+    return sorted({*_TORCH.names(), *_ONNX.names()})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from variants.errors import SpecError, UnknownNameError
+from variants.registry import Registry
 
 if TYPE_CHECKING:  # torch is imported lazily so `import variants` stays light
     import torch
@@ -109,24 +110,21 @@ class Family(ABC):
                                   f"{type(data).__name__}")
 
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES: Registry[Family] = Registry("family")
 
 
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: register a family adapter under ``cls.name``."""
-    _FAMILIES[cls.name] = cls()
+    _FAMILIES.register(cls.name, cls())
     return cls
 
 
 def list_families() -> list[str]:
-    return sorted(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def get_family(name: str) -> Family:
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        raise UnknownNameError("family", name, list_families()) from None
+    return _FAMILIES.get(name)
 
 
 def list_models(pattern: str = "*") -> list[ModelInfo]:

@@ -13,13 +13,16 @@ from typing import Any
 
 from variants.errors import BackendError, DataError
 from variants.families._base import Built, Family, InputSpec, ModelInfo, register_family
+from variants.registry import Registry
 
-_FACTORIES: dict[str, Callable[[], Any]] = {}
+_FACTORIES: Registry[Callable[[], Any]] = Registry("custom model factory")
 
 
-def register_custom_factory(name: str, factory: Callable[[], Any]) -> None:
-    """Let the store rebuild custom model ``name`` (``factory()`` returns a fresh module)."""
-    _FACTORIES[name] = factory
+def register_custom_factory(name: str, factory: Callable[[], Any], *,
+                            replace: bool = False) -> None:
+    """Let the store rebuild custom model ``name`` (``factory()`` returns a fresh module).
+    Registering another factory under a registered name needs ``replace=True``."""
+    _FACTORIES.register(name, factory, replace=replace)
 
 
 @register_family
@@ -59,7 +62,7 @@ class CustomFamily(Family):
     def rebuild(self, arch: dict[str, Any]):
         from variants.transforms import rebuild_hooks
 
-        factory = _FACTORIES.get(arch["model"])
+        factory = _FACTORIES.find(arch["model"])
         if factory is None:
             raise BackendError(f"custom model {arch['model']!r} has no registered factory; call "
                                f"variants.register_custom_factory({arch['model']!r}, fn) first "
