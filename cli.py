@@ -385,8 +385,11 @@ def list_cmd(store: str, as_json: bool, verify: bool) -> None:
 
     st = Store(store)
     ms = [st.verify(n) if verify else st.get(n) for n in st.names()]
+    groups = st.groups()
+    member_of = {m.name: [g.name for g in groups if m.name in g.members] for m in ms}
     if as_json:
         out = [{"name": m.name, "key": m.key, "base": m.base, "parent": m.parent,
+                "groups": member_of[m.name],
                 "family": m.family, "task": m.task, "specs": [s.to_dict() for s in m.specs],
                 "params": m.params, "bytes": m.bytes, "onnx_path": str(m.onnx_path.resolve()),
                 "weights_path": str(m.weights_path.resolve()) if m.weights_path else None,
@@ -411,6 +414,60 @@ def list_cmd(store: str, as_json: bool, verify: bool) -> None:
                   f"{ratio:.0%}" if ratio else "-", f"{fid:.3f}" if fid is not None else "-",
                   m.key[:8])
     _console().print(t)
+    if groups:
+        _console().print(_groups_table(groups))
+
+
+def _groups_table(groups):
+    from rich.table import Table
+
+    t = Table(title=f"{len(groups)} groups (served models over several bases)")
+    for col in ("group", "task", "members"):
+        t.add_column(col, no_wrap=col == "group")
+    for g in groups:
+        t.add_row(g.name, g.task, ", ".join(g.members))
+    return t
+
+
+@main.command("group")
+@click.argument("name")
+@click.argument("members", nargs=-1, required=True)
+@click.option("--out", "store", required=True, type=click.Path(), metavar="STORE",
+              help="The store that holds the members; the group is stored there.")
+@click.option("--replace", is_flag=True, help="Redefine an existing group of that name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the group as JSON.")
+@_errors
+def group_cmd(name, members, store, replace, as_json) -> None:
+    """Serve several stored variants, of different base models, as one model NAME.
+
+    select, simulate, replay and the cache treat NAME as one model whose
+    candidates are exactly the MEMBERS listed (derived variants included, e.g.
+    resnet34+int8; a member's other variants are not added), and serve each
+    member only under NAME. Its floor applies to every member's accuracy, so
+    members must answer one task with the same inputs and classes and be
+    evaluated on the same data (exit 2 otherwise); fidelity is measured against
+    the group's most accurate member by `memadapt profile`.
+
+    \b
+    Example:
+      memadapt group digits resnet10 resnet10+int8 resnet18 resnet18+int8 --out store
+      memadapt select store --budget 60MiB --floor digits=0.9
+    """
+    import profiler
+    from variants import Store
+    from variants.groups import GroupError
+
+    st = Store(store)
+    try:
+        data = profiler.check_group_data(st, members)
+        g = st.add_group(name, members, replace=replace)
+    except GroupError as e:
+        raise click.UsageError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({**g.to_dict(), "eval_set": data}, indent=2))
+        return
+    click.echo(f"group {g.name!r} ({g.task}) in {store}: {', '.join(g.members)}"
+               + (f"; evaluated on {data}" if data else "; profile the store to measure it"))
 
 
 # ---------------------------------------------------------------- profiling
@@ -483,6 +540,11 @@ def _show(store, device, backend, plot, batch=None):
                                    f"`memadapt profile {store} --device {device}` first")
     _console().print(report.table(profiles, title=f"{store} on {device}/{backend} "
                                                   f"(★ Pareto-optimal)"))
+    groups = profiler.load_group_profiles(store, device=device, backend=backend,
+                                          profiles=profiles)
+    if groups:
+        _console().print(report.group_table(groups, batch, title="groups (served models over "
+                                                                 "several bases)"))
     if plot:
         report.plot(profiles, plot, batch=batch)
         click.echo(f"plot written to {plot}")
@@ -511,7 +573,13 @@ def show_cmd(store, device, backend, as_json, plot, batch) -> None:
         profiles = profiler.load_profiles(Store(store), device=device, backend=backend)
         if plot:
             report.plot(profiles, plot, batch=batch)
-        click.echo(json.dumps(report.rows(profiles), indent=2, default=str))
+        rows = report.rows(profiles)
+        groups = report.group_rows(profiler.load_group_profiles(
+            Store(store), device=device, backend=backend, profiles=profiles))
+        for r in rows:
+            r["groups"] = {g["group"]: g["fidelity_to_reference"] for g in groups
+                           if g["member"] == r["name"]}
+        click.echo(json.dumps(rows, indent=2, default=str))
         return
     from variants import Store
 

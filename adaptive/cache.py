@@ -432,6 +432,8 @@ class VariantCache:
                       floors: dict[str, float], aliases: dict[str, str], verify: bool,
                       groups: dict[str, int], share: bool) -> None:
         stored = set(self.store.names())
+        # a group (variants.groups) is one model whose candidates are variants of several bases
+        served = {g.name: set(g.members) for g in self.store.groups()}
         unknown = sorted(set(aliases) - set(candidates))
         if unknown:
             raise AdaptiveError(f"aliases name models {unknown} that have no candidates")
@@ -453,7 +455,7 @@ class VariantCache:
                 if manifest is None:
                     manifest = (self.store.verify(c.variant) if verify
                                 else self.store.get(c.variant))
-                if manifest.base != base:
+                if manifest.base != base and c.variant not in served.get(base, ()):
                     fix = (f"list it under its base or pass aliases={{{model!r}: "
                            f"{manifest.base!r}}}" if base == model else "fix aliases")
                     raise AdaptiveError(f"candidate {c.variant!r} belongs to model "

@@ -30,24 +30,47 @@ def quality(profile: Any) -> float | None:
 def candidates_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
                             batch: int = 8) -> dict[str, list[Candidate]]:
     """Each model's (``manifest.base``) candidates: memory at ``batch``, latency p50 at batch 1
-    (or the smallest profiled), cold load time and quality, for one device and backend."""
+    (or the smallest profiled), cold load time and quality, for one device and backend.
+
+    A group (:mod:`variants.groups`) is one model whose candidates are its members, with
+    quality their accuracy (else their fidelity to the group's most accurate member); a
+    member is served under its group's name only, so a base model whose every profiled
+    variant is in groups is not a model of its own."""
     import profiler
 
     profiles = profiler.load_profiles(store, device=device, backend=backend)
     out: dict[str, list[Candidate]] = {}
     skipped = []
     for p in profiles:
-        q = quality(p)
-        mem = p.memory_at(batch)
-        ok = [b for b in p.batches if b.status == "ok"]
-        if q is None or mem is None or not ok:
+        c = _candidate(p, quality(p), batch)
+        if c is None:
             skipped.append(p.name)
             continue
-        lat = min(ok, key=lambda b: b.batch)
-        per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
-        out.setdefault(p.base, []).append(
-            Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
-                      float(p.load_cold_s or 0.0)))
+        out.setdefault(p.base, []).append(c)
+    from variants.groups import GroupError
+
+    try:
+        groups = profiler.load_group_profiles(store, device=device, backend=backend,
+                                              profiles=profiles)
+    except GroupError as e:  # members evaluated on different data
+        raise AdaptiveError(str(e)) from None
+    members = {p.name for g in groups for p in g.members}
+    skipped = [n for n in skipped if n not in members]
+    for g in groups:
+        cs = [c for c in (_candidate(p, g.quality(p.name), batch) for p in g.members)
+              if c is not None]
+        missing = [p.name for p in g.members if not any(c.variant == p.name for c in cs)]
+        if missing:
+            log.warning("group %s: no complete profile (memory, latency, accuracy or fidelity "
+                        "to %s) for %s; they are not its candidates", g.name, g.reference,
+                        ", ".join(missing))
+        if cs:
+            out[g.name] = cs
+    for m in list(out):
+        if m not in {g.name for g in groups}:
+            out[m] = [c for c in out[m] if c.variant not in members]
+            if not out[m]:
+                del out[m]
     if skipped:
         log.warning("no complete profile (memory, latency, accuracy/fidelity) for %s on %s; "
                     "they are not candidates", ", ".join(sorted(skipped)), device)
@@ -56,6 +79,18 @@ def candidates_from_catalog(store, *, device: str = "cpu", backend: str = "onnxr
                             f"profiles for device {device!r} and backend {backend!r}; run "
                             f"`memadapt profile STORE --device {device}` first")
     return {m: sorted(cs, key=lambda c: (c.memory_bytes, c.variant)) for m, cs in out.items()}
+
+
+def _candidate(p: Any, q: float | None, batch: int) -> Candidate | None:
+    """``p`` (a VariantProfile) as a Candidate of quality ``q``; None when incomplete."""
+    mem = p.memory_at(batch)
+    ok = [b for b in p.batches if b.status == "ok"]
+    if q is None or mem is None or not ok:
+        return None
+    lat = min(ok, key=lambda b: b.batch)
+    per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
+    return Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
+                     float(p.load_cold_s or 0.0))
 
 
 def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
@@ -67,10 +102,20 @@ def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxrunt
     floors, rates = dict(floors or {}), dict(rates or {})
     unknown = sorted((set(floors) | set(rates)) - set(cands))
     if unknown:
+        in_group = {m: g.name for g in _groups(store) for m in g.members}
+        note = "; ".join(f"{m} is served as part of group {in_group[m]!r}: set its floor or "
+                         f"rate there" for m in unknown if m in in_group)
         raise AdaptiveError(f"floors/rates name models {unknown} that have no profiles; "
-                            f"profiled models: {', '.join(sorted(cands))}")
+                            f"profiled models: {', '.join(sorted(cands))}"
+                            + (f" ({note})" if note else ""))
     return [ModelDemand(m, cs, floor=floors.get(m, default_floor), rate=rates.get(m, 1.0))
             for m, cs in sorted(cands.items())]
+
+
+def _groups(store) -> list:
+    from variants.store import Store
+
+    return (store if isinstance(store, Store) else Store(store)).groups()
 
 
 def map_population(families: Sequence[ModelDemand], names: Sequence[str]) -> list[ModelDemand]:

@@ -159,7 +159,8 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
         d = by_name[name]
         floor = floors.get(name, floors.get(family_of[name], d.floor))
         demands.append(ModelDemand(name, d.candidates, floor=floor))
-    base_of = {d.model: store.get(d.candidates[0].variant).base for d in demands}
+    # a family is a base model or a group (whose candidates have several bases)
+    base_of = {d.model: family_of[d.model] for d in demands}
     acc_of = {(d.model, c.variant): c.accuracy for d in demands for c in d.candidates}
 
     policy = get_policy("memadapt-v1")

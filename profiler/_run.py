@@ -120,6 +120,11 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
                 eval_set=resolve_eval(eval, m), threads=threads, done=done, done_acc=done_acc,
                 evaluator=evaluator, progress=progress, timeout=timeout, device=device,
                 allocator=allocator)
+        if eval is not None:
+            from profiler.groups import measure_group_fidelity
+
+            measure_group_fidelity(store, cat, evaluator, device_type=info.type,
+                                   backend=backend, force=force)
     return results
 
 

@@ -38,6 +38,10 @@ BATCH_COLUMNS = (
     "latency_mean_s", "latency_std_s", "throughput", "runs", "threads", "load_cold_s",
     "load_warm_s", "seconds", "measured_at",
 )
+GROUP_FIDELITY_COLUMNS = (
+    "group_name", "variant_key", "variant", "reference_key", "reference", "device_type",
+    "backend", "eval_set", "samples", "fidelity", "fidelity_metric", "measured_at",
+)
 ACCURACY_COLUMNS = (
     "variant_key", "variant", "device_type", "backend", "eval_set", "device_fp", "status",
     "error", "samples", "accuracy", "fidelity", "fidelity_metric", "seconds", "measured_at",
@@ -110,6 +114,24 @@ MIGRATIONS: list[Sequence[str]] = [
             updated_at TEXT NOT NULL,
             PRIMARY KEY (variant_key, device_fp, backend))""",
         "CREATE INDEX batch_profiles_device ON batch_profiles (device_type, backend)",
+    ),
+    # 2: fidelity of a group's members to the group's most accurate member (variants.groups)
+    (
+        """CREATE TABLE group_fidelity (
+            group_name TEXT NOT NULL,
+            variant_key TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            reference_key TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            device_type TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            eval_set TEXT NOT NULL,
+            samples INTEGER,
+            fidelity REAL,
+            fidelity_metric TEXT,
+            measured_at TEXT NOT NULL,
+            PRIMARY KEY (group_name, variant_key, reference_key, device_type, backend,
+                         eval_set))""",
     ),
 ]
 
@@ -197,6 +219,16 @@ class Catalog:
     def upsert_accuracy(self, row: dict[str, Any]) -> None:
         self._upsert("accuracy", ACCURACY_COLUMNS,
                      ("variant_key", "device_type", "backend", "eval_set"), row)
+
+    def upsert_group_fidelity(self, row: dict[str, Any]) -> None:
+        self._upsert("group_fidelity", GROUP_FIDELITY_COLUMNS,
+                     ("group_name", "variant_key", "reference_key", "device_type", "backend",
+                      "eval_set"), row)
+
+    def group_fidelity_rows(self, device_type: str, backend: str) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM group_fidelity WHERE device_type = ? AND "
+                                 "backend = ? ORDER BY measured_at",
+                                 (device_type, backend)).fetchall()
 
     def upsert_fit(self, variant_key: str, device_fp: str, backend: str,
                    fit: MemoryFit | None) -> None:

@@ -157,3 +157,39 @@ def _points(members: Sequence[VariantProfile], batch: int, axis: str, use_acc: b
         if cost is not None and q is not None:
             pts.append((p.name, cost, q))
     return pts
+
+
+def group_rows(groups: Iterable[Any], batch: int | None = None) -> list[dict[str, Any]]:
+    """One dict per (group, profiled member) of :func:`profiler.load_group_profiles`' result:
+    the data they were evaluated on, the member's accuracy, its fidelity to the group's
+    reference (its most accurate member) and its peak memory at ``batch`` (default: the
+    smallest batch it was profiled at)."""
+    out = []
+    for g in groups:
+        for p in g.members:
+            b = batch or min((x.batch for x in p.ok_batches), default=None)
+            out.append({"group": g.name, "member": p.name, "base": p.base,
+                        "eval_set": g.eval_set, "reference": g.reference,
+                        "is_reference": p.name == g.reference, "accuracy": p.accuracy,
+                        "fidelity_to_reference": g.fidelity.get(p.name),
+                        "fidelity_metric": g.fidelity_metric, "quality": g.quality(p.name),
+                        "batch": b, "peak_memory_bytes": p.memory_at(b) if b else None})
+    return out
+
+
+def group_table(groups: Iterable[Any], batch: int | None = None, title: str | None = None):
+    """A ``rich.table.Table`` of :func:`group_rows` (the reference member marked ◆)."""
+    from rich.table import Table
+
+    t = Table(title=title, caption="◆ the group's reference: its most accurate member")
+    for col, justify in [("group", "left"), ("member", "left"), ("eval", "left"),
+                         ("batch", "right"), ("peak MiB", "right"), ("accuracy", "right"),
+                         ("fidelity to ◆", "right")]:
+        t.add_column(col, justify=justify)
+    for r in group_rows(groups, batch):
+        t.add_row(r["group"], ("◆ " if r["is_reference"] else "  ") + r["member"],
+                  r["eval_set"] or "-", "-" if r["batch"] is None else str(r["batch"]),
+                  _mib(r["peak_memory_bytes"]), _pct(r["accuracy"]),
+                  "-" if r["fidelity_to_reference"] is None
+                  else f"{r['fidelity_to_reference']:.4f}")
+    return t

@@ -31,6 +31,7 @@ from variants.families import (
 )
 from variants.families.custom import register_custom_factory
 from variants.generate import GenerateResult, generate, plan_chains
+from variants.groups import Group, GroupError, group, list_groups
 from variants.specs import (
     EarlyExit,
     Prune,
@@ -47,10 +48,11 @@ from variants.transforms import list_transforms
 
 __all__ = [
     "BackendError", "CorruptArtifactError", "DataError", "EarlyExit", "ExportError", "Family",
-    "GenerateResult", "KeyConflictError", "Manifest", "MemadaptError", "ModelInfo", "Prune",
-    "Quantize", "Session",
+    "GenerateResult", "Group", "GroupError", "KeyConflictError", "Manifest", "MemadaptError",
+    "ModelInfo", "Prune", "Quantize", "Session",
     "Spec", "SpecError", "Store", "StoreError", "UnknownNameError", "family_of", "generate",
-    "get_family", "list_backends", "list_families", "list_models", "list_transforms",
+    "get_family", "group", "list_backends", "list_families", "list_groups", "list_models",
+    "list_transforms",
     "open_onnx", "open_session", "parse_spec", "parse_variant_name", "plan_chains",
     "register_backend", "register_custom_factory", "register_family", "spec_from_dict",
     "validate_chain", "variant_name",

@@ -256,6 +256,12 @@ class Store:
     def commit(self, staging: Path, manifest: dict[str, Any]) -> Manifest:
         """Hash the staged files, write the manifest, and move the folder into place."""
         name = manifest["name"]
+        from variants.groups import is_group
+
+        if is_group(self, name):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise KeyConflictError(f"{name!r} is a group in {self.root}; use --name or another "
+                                   f"store")
         files = {}
         for f in sorted(staging.iterdir()):
             if f.name != MANIFEST and f.is_file():
@@ -275,6 +281,24 @@ class Store:
             shutil.rmtree(target)
         os.replace(staging, target)
         return self.get(name)
+
+    def groups(self) -> list:
+        """The store's groups (served models over several bases; :mod:`variants.groups`)."""
+        from variants.groups import list_groups
+
+        return list_groups(self)
+
+    def group(self, name: str):
+        from variants.groups import get_group
+
+        return get_group(self, name)
+
+    def add_group(self, name: str, members, *, replace: bool = False):
+        """Store a group ``name`` over stored variants ``members``; see
+        :func:`variants.groups.add_group`."""
+        from variants.groups import add_group
+
+        return add_group(self, name, members, replace=replace)
 
     def remove(self, name: str) -> None:
         d = self.variant_dir(name)
