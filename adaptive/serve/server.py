@@ -1,0 +1,157 @@
+"""Running the server: a frozen :class:`ServeConfig`, the cache it builds, uvicorn in front.
+
+``serve(config)`` blocks (what ``memadapt serve`` calls); :class:`ServerThread` runs the same
+server in a background thread of this process on a free port (tests, notebooks, load tests).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from adaptive.errors import AdaptiveError
+from adaptive.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
+
+__all__ = ["ServeConfig", "ServerThread", "build_cache", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``memadapt serve`` takes.
+
+    ``budget``: bytes, a size (``"512MiB"``), or a source name (``"cgroup"``, ``"cuda-free"``);
+    None: free GPU memory on ``cuda``, the cgroup limit on ``cpu``. ``floors`` maps models to
+    accuracy floors, ``slos`` to latency objectives in seconds. ``profiles``: a profiles JSON
+    file (``memadapt select --profiles`` format) instead of the store's catalog; its floors
+    apply unless ``floors`` overrides them. ``host_budget`` bounds the host tier (which
+    ``keep_host_bytes`` turns on; a host budget implies it).
+    """
+
+    store: str
+    budget: Any = None
+    device: str = "cpu"
+    backend: str = "onnxruntime"
+    floors: Mapping[str, float] = field(default_factory=dict)
+    slos: Mapping[str, float] = field(default_factory=dict)
+    policy: str = "memadapt"
+    profiles: str | None = None
+    max_batch: int = 8
+    threads: int | None = None
+    rebalance_s: float | None = 5.0
+    keep_host_bytes: bool = False
+    host_budget: Any = None
+    share_weights: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        for name, m in (("floors", self.floors), ("slos", self.slos)):
+            object.__setattr__(self, name, dict(m))
+        for model, s in self.slos.items():
+            if not (isinstance(s, (int, float)) and s > 0):
+                raise AdaptiveError(f"SLO of {model!r} must be > 0 seconds, got {s!r}")
+        if not 0 <= self.port <= 65535:
+            raise AdaptiveError(f"port must be in 0..65535, got {self.port}")
+        if self.max_request_bytes < 1:
+            raise AdaptiveError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+
+
+def per_model(values: Mapping[str, float], models: Any) -> dict[str, float]:
+    """``values`` with a ``*`` entry given to every model of ``models`` lacking its own."""
+    out = dict(values)
+    every = out.pop("*", None)
+    return out if every is None else {**dict.fromkeys(models, every), **out}
+
+
+def _cache_takes_policy() -> bool:
+    from adaptive.cache import VariantCache
+
+    return "policy" in inspect.signature(VariantCache).parameters
+
+
+def build_cache(config: ServeConfig) -> Any:
+    """The :class:`VariantCache` ``config`` describes (not started). A floor (or SLO) under
+    the model name ``*`` applies to every model without its own."""
+    from adaptive.cache import VariantCache, catalog_candidates
+    from variants.store import Store
+
+    store = Store(config.store)
+    floors: dict[str, float] = {}
+    if config.profiles:
+        from adaptive.catalog import demands_from_json
+
+        demands = demands_from_json(config.profiles)
+        candidates = {d.model: list(d.candidates) for d in demands}
+        floors = {d.model: d.floor for d in demands if d.floor}
+    else:
+        candidates = catalog_candidates(store, config.device, config.backend, config.max_batch)
+    floors.update(per_model(config.floors, candidates))
+    kwargs: dict[str, Any] = {}
+    if _cache_takes_policy():
+        kwargs["policy"] = config.policy
+    elif config.policy != "memadapt":
+        raise AdaptiveError(f"policy {config.policy!r}: this VariantCache runs only the "
+                            f"memadapt policy")
+    return VariantCache(
+        store, device=config.device, backend=config.backend, budget=config.budget,
+        floors=floors, candidates=candidates, max_batch=config.max_batch,
+        rebalance_interval_s=config.rebalance_s, threads=config.threads,
+        keep_host_bytes=config.keep_host_bytes or config.host_budget is not None,
+        host_budget=config.host_budget, share_weights=config.share_weights, **kwargs)
+
+
+def serve(config: ServeConfig) -> None:
+    """Build the cache, start it, and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    cache = build_cache(config).start()
+    try:
+        app = create_app(cache, max_request_bytes=config.max_request_bytes,
+                         slos=per_model(config.slos, cache.models))
+        log.warning("memadapt serving %d models on http://%s:%d (budget %d bytes)",
+                    len(cache.models), config.host, config.port, cache.budget)
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    finally:
+        cache.close()
+
+
+class ServerThread:
+    """``with ServerThread(app) as url:`` serves ``app`` on loopback from a daemon thread.
+
+    ``port=0`` takes a free port; ``url`` is known once the server listens.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0,
+                 log_level: str = "warning"):
+        import uvicorn
+
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
+                                                     log_level=log_level, lifespan="off"))
+        self._thread = threading.Thread(target=self._server.run, name="memadapt-serve",
+                                        daemon=True)
+        self.url: str | None = None
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise AdaptiveError("the server did not start (port in use?)")
+            time.sleep(0.02)
+        sock = self._server.servers[0].sockets[0]
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
