@@ -928,5 +928,59 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
         click.echo(f"  {e}")
 
 
+@main.command("serve")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--budget", default=None, metavar="SIZE|cgroup|cuda-free",
+              help="Memory budget: a size (512MiB), or follow the cgroup limit or free GPU "
+                   "memory. Default: cuda-free on cuda, cgroup on cpu.")
+@click.option("--floor", "floors", multiple=True, callback=_assignments("acc"),
+              metavar="MODEL=ACC", help="Accuracy floor of a model (repeat), or ACC for all.")
+@click.option("--slo", "slos", multiple=True, callback=_assignments("ms"), metavar="MODEL=MS",
+              help="Latency objective in ms (repeat), or MS for all; /metrics reports the "
+                   "share of requests within it.")
+@click.option("--policy", default="memadapt", show_default=True,
+              help="Caching policy of the VariantCache.")
+@click.option("--profiles", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Candidates from a profiles JSON file instead of STORE's catalog.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:<i>.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
+              show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest batch; variants are charged their memory at this size.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads per session.")
+@click.option("--rebalance-s", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, help="Re-plan period in seconds.")
+@click.option("--host-tier", is_flag=True, help="Keep loaded variants' bytes in host memory.")
+@click.option("--host-budget", default=None, callback=_size, metavar="SIZE",
+              help="Bound of the host tier (implies --host-tier).")
+@click.option("--share-weights", is_flag=True,
+              help="torch backend: hold tensors several models share once, charge them once.")
+@click.option("--max-request-bytes", callback=_size, default="64MiB", show_default=True,
+              metavar="SIZE", help="Larger request bodies get 413.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@_errors
+def serve_cmd(store, budget, floors, slos, policy, profiles, device, backend, max_batch,
+              threads, rebalance_s, host_tier, host_budget, share_weights, max_request_bytes,
+              host, port) -> None:
+    """Serve STORE's models over the Open Inference Protocol (KServe v2 REST).
+
+    Speaks what tritonclient, the KServe SDK and Seldon speak: /v2/health/ready,
+    /v2/models/M (versions = variants), /v2/models/M/infer (JSON and binary tensors),
+    /v2/repository/..., plus /v2/memadapt/budget (GET, PUT), /v2/memadapt/plan and /metrics.
+    """
+    from adaptive.serve import ServeConfig, serve
+
+    level = logging.getLogger().getEffectiveLevel()
+    serve(ServeConfig(
+        store, budget=budget, device=device, backend=backend, floors=floors,
+        slos={m: ms / 1e3 for m, ms in slos.items()}, policy=policy, profiles=profiles,
+        max_batch=max_batch, threads=threads, rebalance_s=rebalance_s,
+        keep_host_bytes=host_tier, host_budget=host_budget, share_weights=share_weights,
+        host=host, port=port, max_request_bytes=max_request_bytes,
+        log_level=logging.getLevelName(level).lower()))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
