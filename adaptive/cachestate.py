@@ -79,6 +79,11 @@ class CacheState:
         self.pend = [-1] * self.n
         self.pend_at = [math.inf] * self.n
         self._heap: list[tuple[float, int, int]] = []
+        #: a load waiting for a model's make-before-break downgrade: downgrading model ->
+        #: (waiting model, its candidate, bytes charged for it meanwhile)
+        self.succ: dict[int, tuple[int, int, int]] = {}
+        #: bytes charged for a waiting load until it starts (waiting model -> bytes)
+        self.queued: dict[int, int] = {}
         self.resident: dict[int, None] = {}  # insertion-ordered set of resident models
         self.used = 0
         self.peak = 0
@@ -100,11 +105,23 @@ class CacheState:
         return self.budget - self.used
 
     def charged(self, m: int) -> int:
-        """Bytes model ``m`` holds now (its serving variant plus one loading beside it)."""
+        """Bytes model ``m`` holds now (its serving variant plus one loading beside it; for a
+        load waiting for memory, what is set aside for it)."""
+        if m in self.queued:
+            return self.queued[m]
         b = self.mem[m][self.res[m]] if self.res[m] >= 0 else 0
         if self.pend[m] >= 0:
             b += self.mem[m][self.pend[m]]
         return b
+
+    def audit(self) -> None:
+        """Recompute the charged bytes from the residency; raise if the ledger disagrees or
+        is over the budget (tests call it after every step)."""
+        total = sum(self.charged(m) for m in self.resident)
+        if total != self.used:
+            raise CacheInvariantError(f"ledger says {self.used} bytes, residency {total}")
+        if total > self.budget:
+            raise CacheInvariantError(f"{total} bytes charged over the budget of {self.budget}")
 
     def next_event(self) -> float:
         """When the next make-before-break load completes (inf: none pending)."""
@@ -134,15 +151,48 @@ class CacheState:
             self.stalling[m] = False
             self.pend[m] = -1
             self.pend_at[m] = math.inf
+            self._start_waiting(m, at, on_time=True)
 
-    def load(self, m: int, v: int, t: float) -> None:
-        """Make variant ``v`` of a non-resident model resident; usable from ``t + load_s``."""
+    def _start_waiting(self, a: int, t: float, on_time: bool) -> None:
+        """Model ``a``'s downgrade freed its memory at ``t``: the load waiting for it starts
+        (it keeps its planned ready time when it starts on time)."""
+        nxt = self.succ.pop(a, None)
+        if nxt is None:
+            return
+        w, v, promised = nxt
+        del self.queued[w]
+        self.used += self.mem[w][v] - promised
+        if not on_time:
+            self.ready_at[w] = t + self.load_s[w][v]
+        if self.used > self.peak:
+            self.peak = self.used
+
+    def load(self, m: int, v: int, t: float, after: int = -1) -> None:
+        """Make variant ``v`` of a non-resident model resident; usable from ``t + load_s``.
+
+        With ``after``, a model whose make-before-break downgrade is under way: the load
+        starts when that downgrade completes and takes the memory it frees (so nobody
+        stalls; ``m``'s requests wait for both); the bytes the freed memory does not cover
+        are charged now."""
         if self.res[m] >= 0:
             raise CacheInvariantError(f"load {self.names[m]!r}: already resident as candidate "
                                       f"{self.res[m]}; swap instead (one variant per model)")
-        self._charge(self.mem[m][v], f"load {self.names[m]!r} ({self.mem[m][v]} bytes)")
+        if after >= 0:
+            a = after
+            p = self.pend[a]
+            if p < 0 or self.mem[a][p] >= self.mem[a][self.res[a]] or a in self.succ:
+                raise CacheInvariantError(f"load {self.names[m]!r} after {self.names[a]!r}: "
+                                          f"that model has no downgrade under way to wait for")
+            promised = max(0, self.mem[m][v] - self.mem[a][self.res[a]])
+            self._charge(promised, f"load {self.names[m]!r} after {self.names[a]!r}")
+            self.succ[a] = (m, v, promised)
+            self.queued[m] = promised
+            start = self.pend_at[a]
+        else:
+            self._charge(self.mem[m][v], f"load {self.names[m]!r} ({self.mem[m][v]} bytes)")
+            start = t
         self.res[m] = v
-        self.ready_at[m] = t + self.load_s[m][v]
+        self.ready_at[m] = start + self.load_s[m][v]
         self.stalling[m] = False
         self.resident[m] = None
         self.loads += 1
@@ -152,16 +202,41 @@ class CacheState:
         """Abandon model ``m``'s make-before-break load, if any (its bytes come back)."""
         p = self.pend[m]
         if p >= 0:
+            if m in self.succ:
+                raise CacheInvariantError(f"cancel {self.names[m]!r}: a load waits for its "
+                                          f"downgrade; swap it break-before-make instead")
             self.used -= self.mem[m][p]
             self.pend[m] = -1
             self.pend_at[m] = math.inf
             self.cancels += 1
 
-    def evict(self, m: int) -> None:
-        """Drop model ``m`` from memory (and anything loading for it)."""
+    def evict(self, m: int, t: float | None = None) -> None:
+        """Drop model ``m`` from memory (and anything loading for it). ``t`` is needed when a
+        load waits for ``m``'s downgrade: it starts at ``t`` instead."""
         v = self.res[m]
         if v < 0:
             raise CacheInvariantError(f"evict {self.names[m]!r}: not resident")
+        if m in self.queued:  # a load still waiting for memory: drop it
+            a = next(a for a, (w, _, _) in self.succ.items() if w == m)
+            del self.succ[a]
+            self.used -= self.queued.pop(m)
+            self.res[m] = -1
+            del self.resident[m]
+            self.evictions += 1
+            return
+        if m in self.succ:  # its memory goes now: the load waiting for it starts now
+            if t is None:
+                raise CacheInvariantError(f"evict {self.names[m]!r}: a load waits for it; "
+                                          f"pass the time")
+            self.used -= self.mem[m][v]
+            self.used -= self.mem[m][self.pend[m]]
+            self.pend[m] = -1
+            self.pend_at[m] = math.inf
+            self.res[m] = -1
+            del self.resident[m]
+            self.evictions += 1
+            self._start_waiting(m, t, on_time=False)
+            return
         self.cancel(m)
         self.used -= self.mem[m][v]
         self.res[m] = -1
@@ -175,6 +250,11 @@ class CacheState:
         cur = self.res[m]
         if cur < 0:
             raise CacheInvariantError(f"swap {self.names[m]!r}: not resident; load it")
+        if m in self.queued:
+            raise CacheInvariantError(f"swap {self.names[m]!r}: its load has not started")
+        if m in self.succ and not (mode == "bbm" and self.pend[m] == v):
+            raise CacheInvariantError(f"swap {self.names[m]!r}: a load waits for its "
+                                      f"downgrade; only breaking the old variant is allowed")
         if mode == "mbb":
             if self.pend[m] == v:
                 return
@@ -201,6 +281,7 @@ class CacheState:
             self.pend[m] = -1
             self.pend_at[m] = math.inf
             self.used -= self.mem[m][cur]
+            self._start_waiting(m, t, on_time=False)
         else:
             self.cancel(m)
             if cur == v:

@@ -94,8 +94,12 @@ class EvictionExperts:
 
     def victim(self, candidates: Sequence[int] | dict[int, None]) -> int:
         """The model among ``candidates`` (non-empty) the winning order gives up first."""
+        self.wins[self.order()] += 1
+        return self.peek(candidates)
+
+    def peek(self, candidates: Sequence[int] | dict[int, None]) -> int:
+        """:meth:`victim` without counting it as an eviction."""
         k = self.order()
-        self.wins[k] += 1
         if ORDERS[k] == "lru":
             last = self.rates.last
             return min(candidates, key=last.__getitem__)

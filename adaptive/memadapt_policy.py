@@ -15,8 +15,9 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   missed less lately on shadow caches).
 * **Upgrades** are make-before-break (the old variant serves while the new one loads, both
   charged), so they never make a request wait; they spend only memory the *working set* does
-  not need: every ``tick_s`` the plan reserves the smallest variant of each model asked for in
-  the last ``window_s`` seconds that is not resident (it will be back), and
+  not need: every ``tick_s`` the plan reserves the smallest variant of each model that is not
+  resident and was asked for in the last ``window_s`` seconds (it will be back) or never yet
+  (it will come), and
   :func:`adaptive.select` (objective ``misses``) gives the resident models the most accurate
   variants that fit in the rest, hottest first. Downgrades the plan wants are
   make-before-break too; urgent ones come from the room rule above.
@@ -53,7 +54,8 @@ class MemAdaptPolicy(Policy):
     variant_aware = True
 
     def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, window_s: float = 900.0,
-                 half_life_s: float = 600.0, exact: bool | None = None):
+                 half_life_s: float = 600.0, defer: bool = True, reserve_unseen: bool = True,
+                 exact: bool | None = None):
         for k, v in (("tau_s", tau_s), ("tick_s", tick_s), ("window_s", window_s),
                      ("half_life_s", half_life_s)):
             if not (isinstance(v, (int, float)) and v > 0):
@@ -62,6 +64,8 @@ class MemAdaptPolicy(Policy):
         self.tick_s = float(tick_s)
         self.window_s = float(window_s)
         self.half_life_s = float(half_life_s)
+        self.defer = bool(defer)
+        self.reserve_unseen = bool(reserve_unseen)
         self.exact = exact
 
     def reset(self, cache: CacheState, *, seed: int = 0, future: np.ndarray | None = None) -> None:
@@ -71,17 +75,22 @@ class MemAdaptPolicy(Policy):
         self._rates = Rates(c.n, self.tau_s)
         self._experts = EvictionExperts(c.min_mem, self._rates, self.half_life_s)
         self._ever = [False] * c.n
+        self._first = [0.0] * c.n
+        self._count = [0] * c.n
         self._next_plan = self.tick_s
         self.replans = 0
         self.downgrades = 0
         self.upgrades = 0
         self.urgent_downgrades = 0
+        self.deferred_downgrades = 0
+        self.deferrals = 0
         self.cancelled = 0
 
     def stats(self) -> dict[str, float]:
         w = self._experts.wins
         return {"replans": self.replans, "downgrades": self.downgrades,
                 "upgrades": self.upgrades, "urgent_downgrades": self.urgent_downgrades,
+                "deferred_downgrades": self.deferred_downgrades, "deferrals": self.deferrals,
                 "cancelled_loads": self.cancelled,
                 **{f"evictions_by_{o}": w[k] for k, o in enumerate(ORDERS)}}
 
@@ -89,7 +98,10 @@ class MemAdaptPolicy(Policy):
 
     def _seen(self, m: int, t: float) -> None:
         self._rates.seen(m, t)
-        self._ever[m] = True
+        if not self._ever[m]:
+            self._ever[m] = True
+            self._first[m] = t
+        self._count[m] += 1
         self._experts.request(m, t, self.cache.budget)
 
     def on_hit(self, i: int, t: float, m: int) -> None:
@@ -101,8 +113,10 @@ class MemAdaptPolicy(Policy):
         self._seen(m, t)
         c = self.cache
         v = fastest_eligible(c, m, c.budget)
-        self._make_room(c.mem[m][v], t, exclude=m)
-        c.load(m, v, t)
+        after = self._make_room(c.mem[m][v], t, exclude=m)
+        c.load(m, v, t, after=after)
+        if after < 0:
+            self._upgrade_now(m, v, t)
         if t >= self._next_plan:
             self._plan(t)
         return v
@@ -114,36 +128,50 @@ class MemAdaptPolicy(Policy):
 
     # -- room ----------------------------------------------------------------------------------
 
-    def _make_room(self, need: int, t: float, exclude: int) -> None:
-        """Free memory until ``need`` bytes fit: abandon side loads, then step upgraded
-        residents down break-before-make (fewest expected stalls per byte first), then evict
-        in the experts' order."""
+    def _make_room(self, need: int, t: float, exclude: int) -> int:
+        """Free memory until ``need`` bytes fit, cheapest first (see the module docstring).
+
+        For a miss (``exclude`` is the model asking), before anyone stalls, an upgraded
+        resident hotter than the one asking may step down make-before-break and the miss's
+        load wait for it: that model is returned, for ``load(after=)``; -1 when the room is
+        there now."""
         c = self.cache
         if c.free >= need:
-            return
-        rates = self._rates
-        pending = sorted((r for r in c.resident if c.pend[r] >= 0 and r != exclude),
+            return -1
+        rates, succ, queued = self._rates, c.succ, c.queued
+        lad = self._lad
+        # 1. side loads of upgrades cost nothing to abandon
+        pending = sorted((r for r in c.resident if c.pend[r] >= 0 and r != exclude
+                          and r not in succ and c.mem[r][c.pend[r]] > c.mem[r][c.res[r]]),
                          key=rates.key.__getitem__)
         for r in pending:
-            if c.free >= need:
-                return
             c.cancel(r)
             self.cancelled += 1
-        lad = self._lad
+            if c.free >= need:
+                return -1
+        # 2. a miss may wait for a make-before-break downgrade of a hotter model: nobody stalls
+        if exclude >= 0 and self.defer:
+            a = self._deferral(need, t, exclude)
+            if a >= 0:
+                return a
+        # 3. break-before-make downgrades or evictions, whichever is expected to cost fewer
+        #    late requests per byte freed: a downgrade's requests that arrive during the
+        #    smaller variant's load stall (rate x load_s); an evicted model misses if it comes
+        #    back within the window (evictions in the order that has missed least lately)
+        experts, window = self._experts, self.window_s
         while c.free < need:
             best, best_cost, best_v = -1, math.inf, -1
             short = need - c.free
             for r in c.resident:
-                if r == exclude:
+                if r == exclude or r in succ or r in queued:
                     continue
                 cur = c.res[r]
                 pos = lad.pos_of[r][cur]
                 if pos <= 0:
                     continue
-                # the highest rung that frees enough, else the smallest
                 rungs = lad.ladder[r]
                 v = rungs[0]
-                for k in range(pos - 1, -1, -1):
+                for k in range(pos - 1, -1, -1):  # the highest rung that frees enough
                     if c.mem[r][cur] - c.mem[r][rungs[k]] >= short:
                         v = rungs[k]
                         break
@@ -151,15 +179,79 @@ class MemAdaptPolicy(Policy):
                 cost = rates.rate(r, t) * c.load_s[r][v] / max(freed, 1)
                 if cost < best_cost:
                     best, best_cost, best_v = r, cost, v
+            victims = [r for r in c.resident if r != exclude and r not in queued]
+            if victims:
+                e = experts.peek(victims)
+                back = 1.0 - math.exp(-self._long_rate(e, t) * window)
+                if back / max(c.charged(e), 1) < best_cost:
+                    experts.victim(victims)  # counts the win
+                    c.evict(e, t)
+                    continue
             if best < 0:
                 break
             c.swap(best, best_v, t, "bbm")
             self.urgent_downgrades += 1
-        while c.free < need:
-            victims = [r for r in c.resident if r != exclude]
-            if not victims:
-                break
-            c.evict(self._experts.victim(victims))
+        return -1
+
+    def _long_rate(self, m: int, t: float) -> float:
+        """Requests per second of ``m`` since it was first asked for (a periodic model's
+        rate, which a decayed count forgets between its requests)."""
+        return self._count[m] / max(t - self._first[m], self.tau_s)
+
+    def _deferral(self, need: int, t: float, m: int) -> int:
+        """A resident ``a`` hotter than ``m`` whose make-before-break downgrade frees enough
+        for ``m`` (started here if not already under way), the one done soonest; -1: none."""
+        c, lad = self.cache, self._lad
+        rate_m = self._rates.rate(m, t)
+        free = c.free
+        best, best_at, best_v = -1, math.inf, -1
+        for a in c.resident:
+            if a == m or a in c.succ or a in c.queued:
+                continue
+            if self._rates.rate(a, t) < rate_m:
+                continue  # m is hotter: making it wait costs more than a's stalls would
+            cur, p = c.res[a], c.pend[a]
+            if p >= 0:  # already stepping down: wait for it
+                if c.mem[a][p] < c.mem[a][cur] and free + c.mem[a][cur] >= need \
+                        and free >= max(0, need - c.mem[a][cur]) and c.pend_at[a] < best_at:
+                    best, best_at, best_v = a, c.pend_at[a], -1
+                continue
+            pos = lad.pos_of[a][cur]
+            if pos <= 0 or c.ready_at[a] > t:
+                continue
+            for k in range(pos - 1, -1, -1):
+                v = lad.ladder[a][k]
+                mk = c.mem[a][v]
+                if free - mk + c.mem[a][cur] >= need and free >= mk + max(0, need - c.mem[a][cur]):
+                    at = t + c.load_s[a][v]
+                    if at < best_at:
+                        best, best_at, best_v = a, at, v
+                    break
+        if best >= 0 and best_v >= 0:
+            c.swap(best, best_v, t, "mbb")
+            self.deferred_downgrades += 1
+        if best >= 0:
+            self.deferrals += 1
+        return best
+
+    def _reserve(self, t: float) -> int:
+        """Bytes kept for models that are not resident but will come (see the docstring)."""
+        c, lad = self.cache, self._lad
+        last, ever, horizon = self._rates.last, self._ever, t - self.window_s
+        unseen = self.reserve_unseen
+        return sum(lad.min_mem[m] for m in range(c.n)
+                   if m not in c.resident and lad.min_mem[m] <= c.budget
+                   and ((ever[m] and last[m] >= horizon) or (unseen and not ever[m])))
+
+    def _upgrade_now(self, m: int, v: int, t: float) -> None:
+        """A model just loaded at its fastest variant starts loading the best one that fits
+        in memory nobody is expected to need (make-before-break, beside the first)."""
+        c = self.cache
+        spare = c.free - self._reserve(t)
+        k = c.best_fit(m, spare)
+        if k >= 0 and c.acc[m][k] > c.acc[m][v]:
+            c.swap(m, k, t, "mbb")
+            self.upgrades += 1
 
     # -- upgrades ------------------------------------------------------------------------------
 
@@ -170,10 +262,7 @@ class MemAdaptPolicy(Policy):
         resident = list(c.resident)
         if not resident:
             return
-        last, ever, horizon = self._rates.last, self._ever, t - self.window_s
-        reserve = sum(lad.min_mem[m] for m in range(c.n)
-                      if ever[m] and m not in c.resident and last[m] >= horizon
-                      and lad.min_mem[m] <= c.budget)
+        reserve = self._reserve(t)
         floor_bytes = sum(lad.lmem[r][0] for r in resident)
         budget = max(int(c.budget - reserve), floor_bytes)
         now = self._rates.rates(t)
@@ -189,7 +278,7 @@ class MemAdaptPolicy(Policy):
         downs, ups = [], []
         for r in resident:
             want = choice[r]
-            if want < 0:
+            if want < 0 or r in c.succ or r in c.queued:
                 continue
             cur = held[r]
             if c.mem[r][want] < c.mem[r][cur]:

@@ -280,7 +280,7 @@ def compare(trace: RequestTrace, demands: Sequence[ModelDemand],
     for p in policies:
         r = simulate(trace, demands, p, budget, seed=seed)
         out[r.policy] = r
-        log.info("%s: miss rate %.4f, stall rate %.4f, effective accuracy %.4f, %.2fs",
+        log.debug("%s: miss rate %.4f, stall rate %.4f, effective accuracy %.4f, %.2fs",
                  r.policy, r.miss_rate, r.stall_rate, r.effective_accuracy, r.wall_s)
     if bound:
         out["bound"] = bound_result(trace, demands, budget)

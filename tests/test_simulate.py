@@ -229,26 +229,30 @@ def test_memadapt_loads_fast_upgrades_without_waits_and_downgrades_on_a_budget_d
     budget = BudgetTrace(np.array([0.0, 100.0]), np.array([300, 100]))
     mem = simulate(tr, demands, "memadapt", budget)
     lru = simulate(tr, demands, "lru", budget)
-    # misses load int8 (fastest); the plan at t=15 upgrades both make-before-break (no
-    # request waits); the drop at t=100 steps both down instead of evicting one
+    # misses load int8 (fastest) and, with memory to spare, start loading the base beside it
+    # (make-before-break: no request waits); the drop at t=100 steps both down instead of
+    # evicting one
     assert (mem.misses, mem.stalls, mem.evictions, mem.swaps) == (2, 0, 0, 4)
     assert mem.policy_stats["upgrades"] == 2 and mem.policy_stats["urgent_downgrades"] == 2
-    # A at t=15 is still served by int8 while its upgrade loads beside it
-    assert mem.mean_accuracy == pytest.approx((0.88 * 5 + 0.9 * 3) / 8)
+    assert mem.mean_accuracy == pytest.approx((0.88 * 4 + 0.9 * 4) / 8)
     assert (lru.misses, lru.evictions) == (4, 3)
     assert (100.0, 80, 100) in mem.memory_series
-    # both variants are charged while an upgrade loads: 40 + 40 + 100 + 100 at the peak
-    assert mem.peak_bytes == 280
+    # both variants are charged while an upgrade loads: A's base + B's int8 and base
+    assert mem.peak_bytes == 240
 
 
 def test_memadapt_takes_room_from_upgrades_before_it_evicts():
     demands = _two_variants("ABCDE", small=50, small_acc=0.85)
     tr = RequestTrace.from_names([0, 1, 15, 30, 40, 50], list("ABACDE"))
-    r = simulate(tr, demands, "memadapt", 200)
-    # A upgraded at t=15; C fits; D is admitted by stepping A down (break-before-make);
-    # only E, with every resident at its smallest, needs an eviction
+    # without room kept for models not seen yet, A is upgraded at t=15; C fits; D is
+    # admitted by stepping A down (break-before-make); only E, with every resident at its
+    # smallest, needs an eviction
+    r = simulate(tr, demands, get_policy("memadapt", reserve_unseen=False), 200)
     assert (r.misses, r.hits, r.evictions) == (5, 1, 1)
     assert r.policy_stats["upgrades"] == 1 and r.policy_stats["urgent_downgrades"] == 1
+    # by default room is kept for the three models not seen yet: nothing to step down
+    r = simulate(tr, demands, "memadapt", 200)
+    assert (r.misses, r.hits, r.stalls, r.policy_stats["upgrades"]) == (5, 1, 0, 0)
 
 
 def test_make_before_break_never_overfills_and_break_before_make_stalls():
@@ -378,3 +382,58 @@ def test_clone_population_names_and_jitter():
     assert a.candidates[1].latency_s / fams[0].candidates[1].latency_s == pytest.approx(ratio)
     assert a.candidates[0].load_s != b.candidates[0].load_s
     assert clone_population(fams, 150)[-1].model == "bert#49"
+
+
+def test_a_miss_waits_for_a_make_before_break_downgrade_instead_of_making_anyone_stall():
+    demands = _two_variants("AB") + [ModelDemand("C", [Candidate("c", 80, 0.9, 0.01, 1.0)])]
+    tr = RequestTrace.from_names([0, 2, 3, 4, 5, 5.2, 6.0, 7.0], list("AAABCACC"))
+    r = simulate(tr, demands, get_policy("memadapt", reserve_unseen=False), 200)
+    # A is upgraded beside its first load; C (colder than A) needs 80 with 60 free: A steps
+    # down make-before-break (serving its base meanwhile) and C's load waits for that
+    assert r.policy_stats["deferrals"] == 1 and r.stalls == 0 and r.evictions == 0
+    assert (r.hits, r.misses) == (4, 4)  # A at 0, B at 4, and C at 5.0 and 6.0 (its load)
+    # waits: A and B their int8 loads (0.5 s each); C at 5.0 A's int8 load (0.5 s) and then
+    # its own (1.0 s); C at 6.0 the rest (0.5 s)
+    assert r.load_delay_over_exec == pytest.approx((0.5 + 0.5 + 1.5 + 0.5) / (8 * 0.01))
+
+
+class _Audited:
+    """Wraps a policy and audits the cache's ledger after every call."""
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.name, self.offline = inner.name, inner.offline
+
+    def reset(self, cache, **kw):
+        self.cache = cache
+        self.inner.reset(cache, **kw)
+
+    def _audit(self, value=None):
+        self.cache.audit()
+        return value
+
+    def on_hit(self, i, t, m):
+        return self._audit(self.inner.on_hit(i, t, m))
+
+    def on_miss(self, i, t, m):
+        return self._audit(self.inner.on_miss(i, t, m))
+
+    def on_budget(self, t, b):
+        return self._audit(self.inner.on_budget(t, b))
+
+    def stats(self):
+        return self.inner.stats()
+
+
+@pytest.mark.parametrize("policy", list_policies())
+@pytest.mark.parametrize("seed", range(3))
+def test_ledger_matches_the_residency_after_every_decision(policy, seed, population):
+    rng = np.random.default_rng(seed)
+    kind = ["zipf", "azure", "bursty"][seed]
+    tr = synth(kind, [d.model for d in population], 2500, seed=seed, duration_s=400)
+    total = _base_total(population)
+    steps = rng.uniform(0.05, 1.1, size=6)
+    budget = BudgetTrace(np.arange(6) * 60.0, (steps * total).astype(np.int64))
+    for kw in ({}, {"reserve_unseen": False}) if policy == "memadapt" else ({},):
+        r = simulate(tr, population, _Audited(get_policy(policy, **kw)), budget, seed=seed)
+        _check_invariants(r, budget)
