@@ -617,25 +617,58 @@ def _assignments(what: str):
     return cb
 
 
-def _load_demands(store, profiles, device, backend, batch, floors):
+def _load_demands(store, profiles, device, backend, batch, floors, slos=None):
+    """The models' demands from a profiles file or a store's catalog, with ``--floor`` and
+    ``--slo`` applied (``*``: every model); a value out of range or a model that is not there
+    is a usage error naming it (exit 2)."""
+    from dataclasses import replace
+
     from adaptive.catalog import demands_from_catalog, demands_from_json
 
-    default = floors.pop("*", None)
+    floors, slos = dict(floors), dict(slos or {})
+    for model, x in floors.items():
+        if not 0.0 <= x <= 1.0:
+            raise click.BadParameter(f"{'every model' if model == '*' else model}: floor {x:g} "
+                                     f"is outside [0, 1] (accuracy or fidelity)",
+                                     param_hint="--floor")
+    for model, x in slos.items():
+        if not x > 0:
+            raise click.BadParameter(f"{'every model' if model == '*' else model}: SLO {x:g} "
+                                     f"must be > 0 seconds", param_hint="--slo")
     if profiles:
         ds = demands_from_json(profiles)
-        from dataclasses import replace
+    else:
+        from variants import Store
 
-        known = {d.model for d in ds}
-        unknown = sorted(set(floors) - known)
+        ds = demands_from_catalog(Store(store), device=device, backend=backend, batch=batch)
+    known = {d.model for d in ds}
+    for hint, given in (("--floor", floors), ("--slo", slos)):
+        unknown = sorted(set(given) - known - {"*"})
         if unknown:
             raise click.BadParameter(f"no profiles for {unknown}; known: {sorted(known)}",
-                                     param_hint="--floor")
-        return [replace(d, floor=floors.get(d.model, d.floor if default is None else default))
-                for d in ds]
-    from variants import Store
+                                     param_hint=hint)
+    f_all, s_all = floors.get("*"), slos.get("*")
+    return [replace(d, floor=floors.get(d.model, d.floor if f_all is None else f_all),
+                    slo_s=slos.get(d.model, d.slo_s if s_all is None else s_all))
+            for d in ds]
 
-    return demands_from_catalog(Store(store), device=device, backend=backend, batch=batch,
-                                floors=floors, default_floor=default or 0.0)
+
+def _read_trace(path):
+    """A request trace; a malformed one is a usage error naming the file and line (exit 2)."""
+    from adaptive.traces import TraceError, read_requests
+
+    try:
+        return read_requests(path)
+    except TraceError as e:
+        raise click.BadParameter(str(e), param_hint="--trace") from None
+
+
+def _slo_option(fn):
+    return click.option("--slo", "slos", multiple=True, callback=_assignments("seconds"),
+                        metavar="MODEL=SECONDS",
+                        help="Latency SLO of a model (repeat), or SECONDS for all: variants "
+                             "slower than it are not chosen when some variant meets it, and a "
+                             "request is on time when it finishes within it.")(fn)
 
 
 @main.command("select")
@@ -660,9 +693,10 @@ def _load_demands(store, profiles, device, backend, batch, floors):
                    "backbone, a model and its exit variants): each shared group is charged "
                    "once. Reads the variants' weights from STORE; torch backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_slo_option
 @_errors
 def select_cmd(store, budget, floors, rates, device, backend, batch, objective, profiles,
-               share, as_json) -> None:
+               share, as_json, slos) -> None:
     """Choose at most one resident variant per model under a memory budget.
 
     Never exceeds the budget and never picks a variant under its model's floor
@@ -687,7 +721,7 @@ def select_cmd(store, budget, floors, rates, device, backend, batch, objective, 
         raise click.BadParameter("only torch sessions can share tensors (onnxruntime sessions "
                                  "each hold their own); use --backend torch, with profiles from "
                                  "`memadapt profile STORE --backend torch`", param_hint="--share")
-    demands = _load_demands(store, profiles, device, backend, batch, dict(floors))
+    demands = _load_demands(store, profiles, device, backend, batch, floors, slos)
     rates = dict(rates)
     default_rate = rates.pop("*", None)
     unknown = sorted(set(rates) - {d.model for d in demands})
@@ -791,17 +825,24 @@ def trace_synth_cmd(models, requests, kind, duration, prefix, seed, out) -> None
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Charge variants their profiled memory at this batch size.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one object per policy.")
+@click.option("--json", "as_json", is_flag=True, help="Print one object per policy (and the "
+              "bound), with every metric.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: miss rate and accuracy per policy, memory over time.")
+@_slo_option
 @_errors
 def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, policies, device,
-                 backend, batch, seed, as_json, plot) -> None:
+                 backend, batch, seed, as_json, plot, slos) -> None:
     """Replay a request trace against every caching policy, from profiles alone.
 
-    Whole-model policies (random, lru, lfu, loadtime, belady, cremebrulee) cache
-    each model's most accurate variant; infaas picks the loaded or fastest
-    variant meeting the floor; memadapt downgrades models before it evicts.
+    Whole-model policies (random, lru, lfu, loadtime, cremebrulee) cache each
+    model's most accurate variant; infaas loads the fastest variant meeting the
+    floor; memadapt downgrades models before it evicts and upgrades into memory
+    no model needs; belady (offline Belady-Size) and bound (a lower bound on
+    any policy's misses) are references. A request waiting for a load is a
+    miss, one waiting for a swap a stall; "on time" is within the SLO (--slo),
+    or not waiting at all without one. Effective accuracy counts late requests
+    as 0; normalized accuracy divides by each model's best variant.
 
     \b
     Example:
@@ -811,7 +852,7 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
     from adaptive.catalog import map_population
     from adaptive.policies import list_policies
     from adaptive.simulate import compare
-    from adaptive.traces import read_budget, read_requests
+    from adaptive.traces import read_budget
 
     if (budget is None) == (budget_trace is None):
         raise click.UsageError("give exactly one of --budget and --budget-trace")
@@ -822,8 +863,8 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
     if bad:
         raise click.BadParameter(f"unknown policies {bad}; known: {', '.join(list_policies())}",
                                  param_hint="--policies")
-    trace = read_requests(trace_path)
-    families = _load_demands(store, profiles, device, backend, batch, dict(floors))
+    trace = _read_trace(trace_path)
+    families = _load_demands(store, profiles, device, backend, batch, floors, slos)
     demands = map_population(families, list(trace.models))
     b = read_budget(budget_trace) if budget_trace else budget
     with _Progress(not as_json) as bar:
@@ -831,6 +872,7 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
         for i, p in enumerate(names):
             bar(f"simulating {p}", i, len(names))
             results.update(compare(trace, demands, [p], b, seed=seed))
+        results.update(compare(trace, demands, [], b, bound=True))
     if plot:
         from adaptive.report import plot_simulation
 
@@ -840,19 +882,18 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
         click.echo(json.dumps([r.to_dict() | {"memory_series": None} for r in results.values()],
                               indent=2))
         return
-    from rich.table import Table
+    from adaptive.report import simulation_table
 
-    t = Table(title=f"{len(trace):,} requests, {len(demands)} models, budget "
-                    f"{_fmt_bytes(budget) if budget is not None else budget_trace}")
-    for col in ("policy", "miss rate", "mean lat", "p99 lat", "load/exec", "accuracy",
-                "floor viol.", "swaps", "rejected"):
-        t.add_column(col, justify="left" if col == "policy" else "right")
-    for r in results.values():
-        t.add_row(r.policy, f"{r.miss_rate:.4f}", f"{r.mean_latency_s * 1e3:.1f} ms",
-                  f"{r.p99_latency_s * 1e3:.1f} ms", f"{r.load_delay_over_exec:.2f}",
-                  f"{r.mean_accuracy:.3f}", str(r.floor_violations), str(r.swaps),
-                  str(r.rejected))
-    _console().print(t)
+    _console().print(simulation_table(
+        results, title=f"{len(trace):,} requests, {len(demands)} models, budget "
+                       f"{_fmt_bytes(budget) if budget is not None else budget_trace}"))
+    if "memadapt" in results:
+        from adaptive.verdict import verdict
+
+        v = verdict(results)
+        click.echo("memadapt beats every online policy on misses + stalls, SLO attainment and "
+                   "effective accuracy" if v.holds else
+                   "memadapt falls short: " + "; ".join(v.shortfalls))
     if plot:
         click.echo(f"plot written to {plot}")
 
@@ -878,9 +919,10 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
               help="Intra-op threads per session (profile with the same for comparable "
                    "latency).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_slo_option
 @_errors
 def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, backend, threads,
-               as_json) -> None:
+               as_json, slos) -> None:
     """Run a request trace for real through the VariantCache and compare with the simulator.
 
     The cache makes the simulator's memadapt decisions on the trace's clock
@@ -892,10 +934,9 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
       memadapt replay --store store --trace t.csv --budget 64MiB --max-requests 500
     """
     from adaptive.replay import replay
-    from adaptive.traces import read_requests
 
-    trace = read_requests(trace_path)
-    families = _load_demands(store, None, device, backend, batch, dict(floors))
+    trace = _read_trace(trace_path)
+    families = _load_demands(store, None, device, backend, batch, floors, slos)
     with _Progress(not as_json) as bar:
         report = replay(store, trace, budget=budget, device=device, backend=backend, batch=batch,
                         max_requests=max_requests, threads=threads, candidates=families,

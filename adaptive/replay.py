@@ -158,7 +158,7 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     for name in used:  # sorted: the cache numbers its models in name order too
         d = by_name[name]
         floor = floors.get(name, floors.get(family_of[name], d.floor))
-        demands.append(ModelDemand(name, d.candidates, floor=floor))
+        demands.append(ModelDemand(name, d.candidates, floor=floor, slo_s=d.slo_s))
     # a family is a base model or a group (whose candidates have several bases)
     base_of = {d.model: family_of[d.model] for d in demands}
     acc_of = {(d.model, c.variant): c.accuracy for d in demands for c in d.candidates}

@@ -74,13 +74,17 @@ def test_trace_synth_and_simulate(profiles, tmp_path):
                "--policies", "lru,infaas,memadapt", "--json", "--plot", png)
     assert r.exit_code == 0, r.output
     rows = {x["policy"]: x for x in json.loads(r.output)}
-    assert set(rows) == {"lru", "infaas", "memadapt"}
+    assert set(rows) == {"lru", "infaas", "memadapt", "bound"}
+    bound = rows.pop("bound")
     for x in rows.values():
-        for k in ("miss_rate", "mean_latency_s", "p99_latency_s", "mean_accuracy",
-                  "floor_violations"):
-            assert k in x
+        for k in ("miss_rate", "stall_rate", "slo_attainment", "goodput", "effective_accuracy",
+                  "normalized_accuracy", "bytes_loaded", "mean_latency_s", "p99_latency_s",
+                  "mean_accuracy", "floor_violations"):
+            assert x[k] is not None, k
         assert x["floor_violations"] == 0
+        assert bound["miss_rate"] <= x["miss_rate"]
     assert rows["memadapt"]["miss_rate"] <= rows["lru"]["miss_rate"]
+    assert bound["effective_accuracy"] is None
     assert png.stat().st_size > 10_000
 
 
@@ -88,6 +92,45 @@ def test_simulate_errors_name_the_line(profiles, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("timestamp_s,model\n0.0,a\n2.0,b\n1.0,a\n")
     r = invoke("simulate", "--profiles", profiles, "--trace", bad, "--budget", "1GB")
-    assert r.exit_code == 1 and ":4" in r.output
+    assert r.exit_code == 2 and ":4" in r.output  # bad input: exit 2, naming the line
     r = invoke("simulate", "--profiles", profiles, "--trace", bad)
     assert r.exit_code == 2 and "--budget" in r.output
+
+
+def test_simulate_with_slos_reports_the_field_metrics_and_a_verdict(profiles, tmp_path):
+    trace = tmp_path / "t.csv"
+    invoke("trace", "synth", "--models", "8", "--requests", "3000", "--kind", "azure",
+           "--seed", "2", "--out", trace)
+    r = invoke("simulate", "--profiles", profiles, "--trace", trace, "--budget", "300MB",
+               "--slo", "0.25", "--slo", "minilm=0.15")
+    assert r.exit_code == 0, r.output
+    for col in ("stall", "SLO att.", "eff. acc.", "norm. acc.", "bound", "belady", "infaas"):
+        assert col in r.output
+    assert "memadapt beats" in r.output or "memadapt falls short" in r.output
+    r = invoke("simulate", "--profiles", profiles, "--trace", trace, "--budget", "300MB",
+               "--slo", "minilm=0.15", "--json")
+    rows = {x["policy"]: x for x in json.loads(r.output)}
+    assert 0 < rows["memadapt"]["slo_attainment"] <= 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--floor", "1.5"), "outside [0, 1]"),
+    (("--floor", "nosuch=0.5"), "nosuch"),
+    (("--slo", "minilm=0"), "> 0 seconds"),
+    (("--slo", "nosuch=0.1"), "nosuch"),
+    (("--slo", "minilm=soon"), "MODEL=SECONDS"),
+])
+def test_simulate_bad_floors_and_slos_exit_2(profiles, tmp_path, args, needle):
+    trace = tmp_path / "t.csv"
+    trace.write_text("timestamp_s,model\n0.0,a\n")
+    r = invoke("simulate", "--profiles", profiles, "--trace", trace, "--budget", "1GB", *args)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+
+
+def test_profiles_without_slo_still_load(tmp_path):
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps({"families": [{"model": "m", "floor": 0.5, "candidates": [
+        {"variant": "m", "memory_bytes": 10, "accuracy": 0.9}]}]}))
+    (d,) = demands_from_json(p)
+    assert d.slo_s is None and d.candidates[0].latency_s == 0.0
