@@ -238,7 +238,9 @@ class MemAdaptPolicy(Policy):
         """Bytes kept for models that are not resident but will come (see the docstring)."""
         c, lad = self.cache, self._lad
         last, ever, horizon = self._rates.last, self._ever, t - self.window_s
-        unseen = self.reserve_unseen
+        # a model not asked for yet is expected while the run is young (a population's
+        # models show up in its first window); after that only recent ones are
+        unseen = self.reserve_unseen and t < self.window_s
         return sum(lad.min_mem[m] for m in range(c.n)
                    if m not in c.resident and lad.min_mem[m] <= c.budget
                    and ((ever[m] and last[m] >= horizon) or (unseen and not ever[m])))
