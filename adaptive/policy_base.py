@@ -22,6 +22,7 @@ import numpy as np
 
 from adaptive.cachestate import CacheState
 from adaptive.errors import AdaptiveError
+from variants.registry import Registry
 
 __all__ = ["Policy", "PolicyError", "get_policy", "list_policies", "policy_class",
            "register_policy"]
@@ -66,18 +67,16 @@ class Policy:
 
 
 P = TypeVar("P", bound=type[Policy])
-_POLICIES: dict[str, type[Policy]] = {}
+_POLICIES: Registry[type[Policy]] = Registry("policy", error=PolicyError)
 
 
 def register_policy(name: str) -> Callable[[P], P]:
-    """Class decorator: make a :class:`Policy` subclass available to :func:`get_policy`."""
+    """Class decorator: make a :class:`Policy` subclass available to :func:`get_policy`
+    (another class under a registered name is refused)."""
 
     def deco(cls: P) -> P:
-        if name in _POLICIES:
-            raise PolicyError(f"policy {name!r} is already registered by "
-                              f"{_POLICIES[name].__qualname__}")
+        _POLICIES.register(name, cls)
         cls.name = name
-        _POLICIES[name] = cls
         return cls
 
     return deco
@@ -85,23 +84,18 @@ def register_policy(name: str) -> Callable[[P], P]:
 
 def list_policies() -> list[str]:
     """Names accepted by :func:`get_policy` (import :mod:`adaptive.policies` to have them all)."""
-    return sorted(_POLICIES)
+    return _POLICIES.names()
+
+
+def policy_class(name: str) -> type[Policy]:
+    """The registered class (its ``offline``/``variant_aware``/``ablation`` flags)."""
+    return _POLICIES.get(name)
 
 
 def get_policy(name: str, **kw: Any) -> Policy:
     """A fresh policy instance; ``kw`` are the policy's options."""
     cls = _POLICIES.get(name)
-    if cls is None:
-        raise PolicyError(f"unknown policy {name!r}; known policies: {', '.join(list_policies())}")
     try:
         return cls(**kw)
     except TypeError as e:
         raise PolicyError(f"policy {name!r}: {e}") from None
-
-
-def policy_class(name: str) -> type[Policy]:
-    """The registered class (its ``offline``/``variant_aware``/``ablation`` flags)."""
-    cls = _POLICIES.get(name)
-    if cls is None:
-        raise PolicyError(f"unknown policy {name!r}; known policies: {', '.join(list_policies())}")
-    return cls
