@@ -455,12 +455,12 @@ def group_cmd(name, members, store, replace, as_json) -> None:
     """
     import profiler
     from variants import Store
-    from variants.groups import GroupError
+    from variants.groups import GroupError, add_group
 
     st = Store(store)
     try:
         data = profiler.check_group_data(st, members)
-        g = st.add_group(name, members, replace=replace)
+        g = add_group(st, name, members, replace=replace)
     except GroupError as e:
         raise click.UsageError(str(e)) from None
     if as_json:
@@ -540,8 +540,7 @@ def _show(store, device, backend, plot, batch=None):
                                    f"`memadapt profile {store} --device {device}` first")
     _console().print(report.table(profiles, title=f"{store} on {device}/{backend} "
                                                   f"(★ Pareto-optimal)"))
-    groups = profiler.load_group_profiles(store, device=device, backend=backend,
-                                          profiles=profiles)
+    groups = _group_profiles(store, device, backend, profiles)
     if groups:
         _console().print(report.group_table(groups, batch, title="groups (served models over "
                                                                  "several bases)"))
@@ -549,6 +548,20 @@ def _show(store, device, backend, plot, batch=None):
         report.plot(profiles, plot, batch=batch)
         click.echo(f"plot written to {plot}")
     return profiles
+
+
+def _group_profiles(store, device, backend, profiles):
+    """The store's groups for show; a group whose members were evaluated on different data
+    is reported on stderr (select and simulate refuse it) instead of hiding the catalog."""
+    import profiler
+    from variants.groups import GroupError
+
+    try:
+        return profiler.load_group_profiles(store, device=device, backend=backend,
+                                            profiles=profiles)
+    except GroupError as e:
+        click.echo(f"warning: {e}", err=True)
+        return []
 
 
 @main.command("show")
@@ -574,8 +587,7 @@ def show_cmd(store, device, backend, as_json, plot, batch) -> None:
         if plot:
             report.plot(profiles, plot, batch=batch)
         rows = report.rows(profiles)
-        groups = report.group_rows(profiler.load_group_profiles(
-            Store(store), device=device, backend=backend, profiles=profiles))
+        groups = report.group_rows(_group_profiles(store, device, backend, profiles))
         for r in rows:
             r["groups"] = {g["group"]: g["fidelity_to_reference"] for g in groups
                            if g["member"] == r["name"]}

@@ -16,16 +16,13 @@ and again whenever the catalog is read for a group).
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
+from variants._groupfile import NAME, Group, group_path, is_group, read_group
 from variants.errors import StoreError, UnknownNameError
+from variants.store import Store, atomic_write_text, now
 
-GROUPS_DIR = "groups"
-GROUP_VERSION = 1
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+__all__ = ["Group", "GroupError", "add_group", "check_members", "get_group", "group",
+           "list_groups", "remove_group"]
 
 
 class GroupError(StoreError, ValueError):
@@ -33,62 +30,17 @@ class GroupError(StoreError, ValueError):
     (bad input: CLI exit 2)."""
 
 
-@dataclass(frozen=True)
-class Group:
-    """A served model whose candidates are ``members`` (stored variant names, in the order
-    given; ``keys`` are their variant keys when the group was made)."""
-
-    name: str
-    members: tuple[str, ...]
-    keys: tuple[str, ...] = ()
-    task: str = "classification"
-    created: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"group_version": GROUP_VERSION, "name": self.name, "members": list(self.members),
-                "keys": list(self.keys), "task": self.task, "created": self.created}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> Group:
-        try:
-            if int(d.get("group_version", 1)) > GROUP_VERSION:
-                raise StoreError(f"group file {path} was written by a newer memadapt; upgrade")
-            return cls(name=str(d["name"]), members=tuple(str(m) for m in d["members"]),
-                       keys=tuple(str(k) for k in d.get("keys", ())),
-                       task=str(d.get("task", "classification")), created=str(d.get("created", "")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"group file {path} is malformed ({type(e).__name__}: {e}); delete "
-                             f"it and run `memadapt group` again") from None
-
-
-def groups_dir(store) -> Path:
-    return Path(store.root) / GROUPS_DIR
+def _store(store) -> Store:
+    return store if isinstance(store, Store) else Store(store)
 
 
 def list_groups(store) -> list[Group]:
-    """The store's groups, by name."""
-    d = groups_dir(store)
-    if not d.is_dir():
-        return []
-    return [get_group(store, p.stem) for p in sorted(d.glob("*.json"))
-            if not p.name.startswith(".")]
+    """The store's groups, by name (= ``Store.groups()``)."""
+    return _store(store).groups()
 
 
 def get_group(store, name: str) -> Group:
-    path = groups_dir(store) / f"{name}.json"
-    if not _NAME.match(name) or not path.is_file():
-        raise UnknownNameError("group", name, [p.stem for p in sorted(groups_dir(store).glob(
-            "*.json"))] if groups_dir(store).is_dir() else [])
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path} is not valid JSON ({e}); delete it and run `memadapt group` "
-                         f"again") from None
-    return Group.from_dict(data, path)
-
-
-def is_group(store, name: str) -> bool:
-    return bool(_NAME.match(name)) and (groups_dir(store) / f"{name}.json").is_file()
+    return read_group(_store(store).root, name)
 
 
 def check_members(store, members) -> list:
@@ -126,15 +78,15 @@ def _inputs(m) -> list[tuple[str, str, int]]:
 
 
 def add_group(store, name: str, members, *, replace: bool = False) -> Group:
-    """Store group ``name`` over ``members`` (stored variant names) and return it.
+    """Store group ``name`` over ``members`` (stored variant names) in ``store`` (a Store or
+    its path) and return it.
 
     Refuses (GroupError) a bad or clashing name (a stored variant, a model, or an existing
     group unless ``replace``) and members that are not interchangeable
     (:func:`check_members`). The file is written to a temp file and renamed into place.
     """
-    from variants.store import atomic_write_text, now
-
-    if not isinstance(name, str) or not _NAME.match(name) or "+" in name:
+    store = _store(store)
+    if not isinstance(name, str) or not NAME.match(name) or "+" in name:
         raise GroupError(f"bad group name {name!r}: use letters, digits, '_', '-' and '.', not "
                          f"starting with '.' or containing '+' (it reads as a variant chain)")
     ms = check_members(store, members)
@@ -145,26 +97,22 @@ def add_group(store, name: str, members, *, replace: bool = False) -> Group:
     if name in models:
         raise GroupError(f"{name!r} is the name of a stored model; a group needs a name of its "
                          f"own (models: {', '.join(models)})")
-    if is_group(store, name) and not replace:
+    if is_group(store.root, name) and not replace:
         raise GroupError(f"group {name!r} already exists with members "
                          f"{', '.join(get_group(store, name).members)}; pass replace=True "
                          f"(memadapt group --replace) to redefine it")
     g = Group(name, tuple(m.name for m in ms), tuple(m.key for m in ms), ms[0].task, now())
-    d = groups_dir(store)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(d / f"{name}.json", json.dumps(g.to_dict(), indent=2, sort_keys=True))
+    path = group_path(store.root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(g.to_dict(), indent=2, sort_keys=True))
     return g
 
 
 def remove_group(store, name: str) -> None:
-    get_group(store, name)
-    (groups_dir(store) / f"{name}.json").unlink()
+    store = _store(store)
+    read_group(store.root, name)
+    group_path(store.root, name).unlink()
 
 
-def group(store, name: str, members, *, replace: bool = False) -> Group:
-    """``variants.group("store", "digits", ["resnet10", "resnet18+int8", ...])``: see
-    :func:`add_group` (``store`` may be a path)."""
-    from variants.store import Store
-
-    st = store if isinstance(store, Store) else Store(store)
-    return add_group(st, name, members, replace=replace)
+#: ``variants.group("store", "digits", ["resnet10", "resnet18+int8", "resnet34"])``
+group = add_group

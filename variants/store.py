@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from variants._groupfile import Group, is_group, read_group, read_groups
 from variants.errors import CorruptArtifactError, KeyConflictError, StoreError, UnknownNameError
 from variants.specs import Spec, spec_from_dict
 
@@ -256,9 +257,7 @@ class Store:
     def commit(self, staging: Path, manifest: dict[str, Any]) -> Manifest:
         """Hash the staged files, write the manifest, and move the folder into place."""
         name = manifest["name"]
-        from variants.groups import is_group
-
-        if is_group(self, name):
+        if is_group(self.root, name):
             shutil.rmtree(staging, ignore_errors=True)
             raise KeyConflictError(f"{name!r} is a group in {self.root}; use --name or another "
                                    f"store")
@@ -282,23 +281,13 @@ class Store:
         os.replace(staging, target)
         return self.get(name)
 
-    def groups(self) -> list:
-        """The store's groups (served models over several bases; :mod:`variants.groups`)."""
-        from variants.groups import list_groups
+    def groups(self) -> list[Group]:
+        """The store's groups (served models over several bases, made with
+        :func:`variants.group`), by name."""
+        return read_groups(self.root)
 
-        return list_groups(self)
-
-    def group(self, name: str):
-        from variants.groups import get_group
-
-        return get_group(self, name)
-
-    def add_group(self, name: str, members, *, replace: bool = False):
-        """Store a group ``name`` over stored variants ``members``; see
-        :func:`variants.groups.add_group`."""
-        from variants.groups import add_group
-
-        return add_group(self, name, members, replace=replace)
+    def group(self, name: str) -> Group:
+        return read_group(self.root, name)
 
     def remove(self, name: str) -> None:
         d = self.variant_dir(name)
