@@ -7,20 +7,25 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   every request that arrives while a model loads waits and is a miss too, so the shortest load
   misses least, and a model whose SLO some variant meets only ever loads such a variant.
 * **Room** for a miss (or a budget drop) is taken in order of what it costs: first loads
-  under way beside a serving variant are abandoned (free), then upgraded residents step down
-  break-before-make, the one whose requests are least likely to arrive during the smaller
-  variant's load first (expected stalls ``rate x load_s`` per byte freed), and only when every
-  resident is at its smallest are models evicted, in the order of
+  under way beside a serving variant are abandoned (free); then, step by step, whichever is
+  expected to make fewer requests late per byte freed: an upgraded resident steps down
+  break-before-make (its requests that arrive during the smaller variant's load stall:
+  ``rate x load_s``), or a resident is evicted (it misses if it comes back within
+  ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
   :class:`~adaptive.experts.EvictionExperts` (recency or frequency per byte, whichever has
-  missed less lately on shadow caches).
+  missed less lately on shadow caches). With ``defer``, a miss may instead wait for a hotter
+  model's make-before-break downgrade (nobody stalls; within the SLO when it has one) --
+  off by default: room is needed when memory is full, so that downgrade rarely fits, and on
+  the benchmark its knock-on effects cost more than it saved.
 * **Upgrades** are make-before-break (the old variant serves while the new one loads, both
   charged), so they never make a request wait; they spend only memory the *working set* does
   not need: every ``tick_s`` the plan reserves the smallest variant of each model that is not
-  resident and was asked for in the last ``window_s`` seconds (it will be back) or never yet
-  (it will come), and
-  :func:`adaptive.select` (objective ``misses``) gives the resident models the most accurate
-  variants that fit in the rest, hottest first. Downgrades the plan wants are
-  make-before-break too; urgent ones come from the room rule above.
+  resident and was asked for in the last ``window_s`` seconds (it will be back) or, in a run's
+  first ``window_s``, not yet at all (it will come); :func:`adaptive.select` (objective
+  ``misses``) gives the resident models the most accurate variants that fit in the rest,
+  hottest first. A model just loaded starts its best variant that fits in that spare memory
+  beside the first. Downgrades the plan wants are make-before-break too; urgent ones come
+  from the room rule above.
 
 Rates are exponentially decayed request counts (time constant ``tau_s``), the same
 :class:`~adaptive.admission.Rates` the cache uses.
@@ -48,13 +53,14 @@ class MemAdaptPolicy(Policy):
     See the module docstring for the rules. Options: ``tau_s`` (rate time constant),
     ``tick_s`` (how often the upgrade plan is made), ``window_s`` (how long a model not asked
     for stays in the working set the plan reserves memory for), ``half_life_s`` (how fast the
-    eviction experts forget their misses).
+    eviction experts forget their misses), ``defer`` (misses may wait for a make-before-break
+    downgrade), ``reserve_unseen`` (keep room for models not seen yet early in a run).
     """
 
     variant_aware = True
 
     def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, window_s: float = 900.0,
-                 half_life_s: float = 600.0, defer: bool = True, reserve_unseen: bool = True,
+                 half_life_s: float = 600.0, defer: bool = False, reserve_unseen: bool = True,
                  exact: bool | None = None):
         for k, v in (("tau_s", tau_s), ("tick_s", tick_s), ("window_s", window_s),
                      ("half_life_s", half_life_s)):
@@ -76,6 +82,7 @@ class MemAdaptPolicy(Policy):
         self._experts = EvictionExperts(c.min_mem, self._rates, self.half_life_s)
         self._ever = [False] * c.n
         self._first = [0.0] * c.n
+        self._slo = [d.slo_s for d in c.demands]
         self._count = [0] * c.n
         self._next_plan = self.tick_s
         self.replans = 0
@@ -113,7 +120,7 @@ class MemAdaptPolicy(Policy):
         self._seen(m, t)
         c = self.cache
         v = fastest_eligible(c, m, c.budget)
-        after = self._make_room(c.mem[m][v], t, exclude=m)
+        after = self._make_room(c.mem[m][v], t, exclude=m, loading=v)
         c.load(m, v, t, after=after)
         if after < 0:
             self._upgrade_now(m, v, t)
@@ -128,7 +135,7 @@ class MemAdaptPolicy(Policy):
 
     # -- room ----------------------------------------------------------------------------------
 
-    def _make_room(self, need: int, t: float, exclude: int) -> int:
+    def _make_room(self, need: int, t: float, exclude: int, loading: int = -1) -> int:
         """Free memory until ``need`` bytes fit, cheapest first (see the module docstring).
 
         For a miss (``exclude`` is the model asking), before anyone stalls, an upgraded
@@ -151,7 +158,7 @@ class MemAdaptPolicy(Policy):
                 return -1
         # 2. a miss may wait for a make-before-break downgrade of a hotter model: nobody stalls
         if exclude >= 0 and self.defer:
-            a = self._deferral(need, t, exclude)
+            a = self._deferral(need, t, exclude, loading)
             if a >= 0:
                 return a
         # 3. break-before-make downgrades or evictions, whichever is expected to cost fewer
@@ -198,11 +205,20 @@ class MemAdaptPolicy(Policy):
         rate, which a decayed count forgets between its requests)."""
         return self._count[m] / max(t - self._first[m], self.tau_s)
 
-    def _deferral(self, need: int, t: float, m: int) -> int:
+    def _deferral(self, need: int, t: float, m: int, v: int) -> int:
         """A resident ``a`` hotter than ``m`` whose make-before-break downgrade frees enough
-        for ``m`` (started here if not already under way), the one done soonest; -1: none."""
+        for ``m`` (started here if not already under way), the one done soonest; -1: none.
+        A model with an SLO waits only if its request still finishes within it."""
         c, lad = self.cache, self._lad
         rate_m = self._rates.rate(m, t)
+        slo = self._slo[m]
+        if slo is not None:
+            # the latest a downgrade may finish for m's load and run to meet the SLO
+            latest = t + slo - c.load_s[m][v] - c.lat[m][v]
+            if latest <= t:
+                return -1
+        else:
+            latest = math.inf
         free = c.free
         best, best_at, best_v = -1, math.inf, -1
         for a in c.resident:
@@ -227,6 +243,8 @@ class MemAdaptPolicy(Policy):
                     if at < best_at:
                         best, best_at, best_v = a, at, v
                     break
+        if best_at > latest:
+            return -1
         if best >= 0 and best_v >= 0:
             c.swap(best, best_v, t, "mbb")
             self.deferred_downgrades += 1
@@ -241,9 +259,10 @@ class MemAdaptPolicy(Policy):
         # a model not asked for yet is expected while the run is young (a population's
         # models show up in its first window); after that only recent ones are
         unseen = self.reserve_unseen and t < self.window_s
-        return sum(lad.min_mem[m] for m in range(c.n)
-                   if m not in c.resident and lad.min_mem[m] <= c.budget
-                   and ((ever[m] and last[m] >= horizon) or (unseen and not ever[m])))
+        coming = sum(lad.min_mem[m] for m in range(c.n)
+                     if m not in c.resident and lad.min_mem[m] <= c.budget
+                     and ((ever[m] and last[m] >= horizon) or (unseen and not ever[m])))
+        return coming
 
     def _upgrade_now(self, m: int, v: int, t: float) -> None:
         """A model just loaded at its fastest variant starts loading the best one that fits

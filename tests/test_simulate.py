@@ -387,7 +387,7 @@ def test_clone_population_names_and_jitter():
 def test_a_miss_waits_for_a_make_before_break_downgrade_instead_of_making_anyone_stall():
     demands = _two_variants("AB") + [ModelDemand("C", [Candidate("c", 80, 0.9, 0.01, 1.0)])]
     tr = RequestTrace.from_names([0, 2, 3, 4, 5, 5.2, 6.0, 7.0], list("AAABCACC"))
-    r = simulate(tr, demands, get_policy("memadapt", reserve_unseen=False), 200)
+    r = simulate(tr, demands, get_policy("memadapt", reserve_unseen=False, defer=True), 200)
     # A is upgraded beside its first load; C (colder than A) needs 80 with 60 free: A steps
     # down make-before-break (serving its base meanwhile) and C's load waits for that
     assert r.policy_stats["deferrals"] == 1 and r.stalls == 0 and r.evictions == 0
@@ -434,6 +434,6 @@ def test_ledger_matches_the_residency_after_every_decision(policy, seed, populat
     total = _base_total(population)
     steps = rng.uniform(0.05, 1.1, size=6)
     budget = BudgetTrace(np.arange(6) * 60.0, (steps * total).astype(np.int64))
-    for kw in ({}, {"reserve_unseen": False}) if policy == "memadapt" else ({},):
+    for kw in ({}, {"reserve_unseen": False, "defer": True}) if policy == "memadapt" else ({},):
         r = simulate(tr, population, _Audited(get_policy(policy, **kw)), budget, seed=seed)
         _check_invariants(r, budget)
