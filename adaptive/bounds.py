@@ -8,7 +8,11 @@ costs at least ``smallest bytes x interval length`` of the cache's space-time. T
 cheapest intervals first until the budget's space-time is spent gives the most hits any
 policy -- variant-aware or not, online or offline -- can have. Both clocks give a valid bound
 (space-time in seconds, and in requests: the residency after each request fits the budget at
-that time); the larger bound is reported.
+that time); the larger bound is reported. On the request clock the bound also uses what sets
+an execution cache apart from a CDN: a request cannot bypass the cache, its model is in
+memory while it is served, so each request costs its model's bytes at its own instant and a
+hit's interval only the instants strictly between (PFOO-L itself allows bypassing, which
+makes it looser here).
 
 Requests the simulator rejects (no eligible variant fits the budget at that time) are not
 served by anyone and are left out, as the simulator's ``miss_rate`` leaves them out.
@@ -94,9 +98,11 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     same = ms[order][1:] == ms[order][:-1]
     a, b = order[:-1][same], order[1:][same]  # consecutive served requests of one model
     compulsory = int(len(idx) - same.sum())
-    # requests: the residency after each request fits the budget in force then
-    cap_req = float(_budget_at(budget, ts).sum())
-    hits_req = _max_hits(sz[a] * (idx[b] - idx[a]).astype(np.float64), cap_req)
+    # requests: the residency after each request fits the budget in force then, and holds
+    # the model just served (an execution cache has no bypass): every served request costs
+    # its model's bytes at its own instant, a hit's interval the instants strictly between
+    cap_req = float(_budget_at(budget, ts).sum()) - float(sz.sum())
+    hits_req = _max_hits(sz[a] * (idx[b] - idx[a] - 1).astype(np.float64), cap_req)
     cap_s = _space_time_s(budget, float(ts[0]), float(ts[-1]))
     hits_s = _max_hits(sz[a] * (tt[b] - tt[a]), cap_s)
     hits = min(hits_req, hits_s)
