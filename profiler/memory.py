@@ -45,6 +45,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from profiler.gpu import Nvml
+
 log = logging.getLogger(__name__)
 
 _STATUS = "/proc/self/status"
@@ -164,7 +166,7 @@ class CudaMeter:
     def __init__(self, index: int, pid: int, *, torch: bool, interval_s: float = 0.005):
         self.index, self.pid, self.use_torch = index, pid, torch
         self.method = "torch+nvml" if torch else "nvml"
-        self._nvml = _Nvml(index)
+        self._nvml = Nvml(index)
         self._peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,41 +212,6 @@ class CudaMeter:
 
     def close(self) -> None:
         self._stop.set()
-
-
-class _Nvml:
-    """Per-process GPU memory through pynvml when installed, else ``nvidia-smi``."""
-
-    def __init__(self, index: int):
-        self.index = index
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._pynvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        except Exception:  # noqa: BLE001 - missing module or no driver: fall back
-            self._pynvml = None
-            self._smi = shutil.which("nvidia-smi")
-            if self._smi is None:
-                # a silent zero would read as "this variant needs no GPU memory"
-                raise RuntimeError("cannot read per-process GPU memory: neither pynvml "
-                                   "(pip install nvidia-ml-py) nor nvidia-smi is available") \
-                    from None
-
-    def process_bytes(self, pid: int) -> int:
-        if self._pynvml is not None:
-            procs = self._pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-            return int(sum(p.usedGpuMemory or 0 for p in procs if p.pid == pid))
-        out = subprocess.run([self._smi, "--query-compute-apps=pid,used_memory",
-                              "--format=csv,noheader,nounits", "-i", str(self.index)],
-                             capture_output=True, text=True, timeout=30).stdout
-        total = 0
-        for line in out.splitlines():
-            p, _, mib = line.partition(",")
-            if p.strip() == str(pid) and mib.strip().isdigit():
-                total += int(mib) * 1024 * 1024
-        return total
 
 
 @dataclass(frozen=True)

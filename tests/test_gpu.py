@@ -7,9 +7,11 @@ device machine, see benchmarks/GPU.md). The one unmarked test runs
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,11 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-VARIANT_KEYS = {"kind", "model", "variant", "status", "params", "weights_bytes", "batches",
-                "swaps"}
 REPORT_KEYS = {"schema", "date", "mode", "budget_s", "elapsed_s", "stopped_early", "device",
-               "versions", "imports", "onnxruntime_providers", "plan", "bandwidth", "variants",
-               "onnxruntime", "skipped", "targets"}
+               "versions", "onnxruntime_providers", "plan", "steps", "profiles", "skipped",
+               "targets"}
 
 
 def _cuda():
@@ -91,70 +91,89 @@ def test_onnxruntime_cuda_ep_serves_fp32_and_fp16(gpu_store):
 
 
 @pytest.mark.gpu
-def test_gpu_check_child_measures_on_cuda(tmp_path):
-    """The device script's CUDA code (pinned copies, memory readings, swaps, the in-place
-    downgrade) on a tiny ResNet, in one child, as the full run does per variant."""
+def test_gpu_check_steps_run_on_cuda(tmp_path):
+    """The device script's steps on the tiny smoke models, on CUDA: generate, pinned
+    bandwidth, the in-place downgrade (device memory freed), profile and serve."""
     _cuda()
     gc = _gpu_check()
     plan = gc.make_plan(gc.parse_args(["--cpu-smoke"]))
-    plan = dataclasses.replace(plan, mode="test", device="cuda:0", half="float16",
-                               bandwidth_mib=16, host_reps=2)
-    spec = {"plan": dataclasses.asdict(plan), "deadline": time.time() + 240,
-            "workdir": str(tmp_path),
-            "jobs": [{"kind": "bandwidth"}, {"kind": "torch", "model": "resnet",
-                                             "variant": "exit"}]}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    line = [x for x in proc.stdout.splitlines() if x.startswith(gc.RESULT_MARK)]
-    assert line, proc.stderr[-3000:]
-    out = json.loads(line[-1][len(gc.RESULT_MARK):])
-    bw, var = out["results"]
-    assert bw["status"] == "ok" and bw["pinned_h2d_gbps"] > 1, bw
-    assert var["status"] == "ok", var
-    assert out["env"]["context_bytes"] > 0 and var["weights_bytes"] > 0
-    for b in var["batches"]:
-        assert b["max_memory_allocated"] > var["weights_bytes"] // 2
-        assert b["process_bytes"] > b["max_memory_allocated"]
-        assert b["peak_ratio"] > 0.5
-    host = var["swaps"]["host"]["methods"]
-    assert all(m["gbps"] > 0 and m["max_rel_diff"] < 1e-2 for m in host.values())
-    assert var["swaps"]["cold"]["max_rel_diff"] < 1e-2
-    down = var["swaps"]["downgrade"]
-    assert down["freed_allocated_bytes"] >= down["tail_bytes"] * 0.9
-    assert down["upgrade_max_rel_diff"] < 1e-2
+    plan = dataclasses.replace(plan, mode="test", device="cuda:0", threads=None)
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_check_child import run
+
+    out = run({"plan": plan.to_dict(), "steps": list(gc.STEPS), "store": str(tmp_path / "s"),
+               "deadline": time.time() + 280})
+    res = out["results"]
+    assert out["env"]["cuda"] is True and out["env"]["total_memory_bytes"] > 0
+    assert all(r["status"] == "ok" for r in res.values()), res
+    assert res["bandwidth"]["gbps"] > 1 and res["bandwidth"]["pageable_gbps"] > 0
+    for d in res["downgrade"]["models"]:
+        assert d["freed_allocated_bytes"] >= d["tail_bytes"] * 0.9 > 0
+        assert d["exit_max_rel_diff"] < 1e-2 and d["upgrade_max_rel_diff"] < 1e-2
+        assert all(p["max_memory_allocated"] > 0 for p in d["peaks"])
+    tight = res["serve"]["phases"][1]
+    assert tight["bytes_resident"] <= tight["budget_bytes"]
 
 
-def test_gpu_check_cpu_smoke_writes_results(tmp_path):
-    """The whole device script on the CPU with tiny models: results land in --out."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT)
+def test_gpu_check_cpu_smoke_runs_the_library(tmp_path):
+    """The whole device script on the CPU with tiny models, through variants.generate,
+    profiler.profile, the in-place downgrade and a VariantCache: results land in --out."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path),
+                           "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (js,) = tmp_path.glob("gpu-*.json")
     (md,) = tmp_path.glob("gpu-*.md")
     report = json.loads(js.read_text())
     assert report.keys() >= REPORT_KEYS
-    assert report["mode"] == "cpu-smoke" and report["schema"] == 1
-    assert report["bandwidth"]["status"] == "ok" and report["bandwidth"]["pinned_h2d_gbps"] > 0
-    got = {(r["model"], r["variant"]): r for r in report["variants"]}
-    assert set(got) == {(m, v) for m in ("resnet", "bert")
-                        for v in ("fp32", "fp16", "exit", "prune0.5")}
-    for r in got.values():
-        assert r.keys() >= VARIANT_KEYS and r["status"] == "ok", r
-        assert [b["batch"] for b in r["batches"]] == [1, 2]
-        assert all(b["p50_s"] > 0 for b in r["batches"])
-        swaps = r["swaps"]
-        assert swaps["cold"]["best_total_s"] > 0 and swaps["cold_over_host"] > 0
-        assert {"per_tensor", "flat", "flat_prealloc"} <= swaps["host"]["methods"].keys()
-    for model in ("resnet", "bert"):
-        down = got[(model, "exit")]["swaps"]["downgrade"]
-        assert down["tail_bytes"] > 0
-        assert down["exit_output_shapes"] == [down["full_output_shape"]]
-        assert got[(model, "prune0.5")]["params"] < got[(model, "fp32")]["params"]
-    assert [r["status"] for r in report["onnxruntime"]] == ["ok"]
+    assert report["mode"] == "cpu-smoke" and report["schema"] == 2
+    steps = report["steps"]
+    assert {k: v["status"] for k, v in steps.items()} == dict.fromkeys(
+        ("generate", "bandwidth", "downgrade", "profile", "serve"), "ok")
+    # generated by variants.generate: the store holds every variant the report names
+    import variants
+
+    store = variants.Store(tmp_path / "store")
+    made = {v["name"] for v in steps["generate"]["variants"]}
+    assert made == {"resnet10", "resnet10+prune0.5", "resnet10+exit2", "resnet10+fp16",
+                    "bert-tiny", "bert-tiny+prune0.5", "bert-tiny+exit1", "bert-tiny+fp16"}
+    assert made <= set(store.names())
+    # profiled by profiler.profile: every variant with onnxruntime, torch-weighted ones with
+    # torch, and the rows come from the store's catalog
+    rows = {(r["name"], r["backend"]) for r in report["profiles"] if r["status"] == "ok"}
+    assert {(n, "onnxruntime") for n in made} <= rows
+    assert {(n, "torch") for n in made if "fp16" not in n} <= rows
+    assert steps["bandwidth"]["gbps"] > 0
+    for d in steps["downgrade"]["models"]:
+        assert d["status"] == "ok" and d["freed_bytes"] == d["tail_bytes"] > 0
+        assert d["exit_max_rel_diff"] < 1e-5 and d["upgrade_max_rel_diff"] < 1e-5
+    phases = {p["phase"]: p for p in steps["serve"]["phases"]}
+    assert phases["tight"]["downgrades"] > 0 and phases["roomy again"]["upgrades"] > 0
     targets = report["targets"]
     assert targets["fp16_half_weights"]["met"] is True
     assert targets["swaps_reproduce_outputs"]["met"] is True
+    assert targets["cache_follows_budget"]["met"] is True
     assert targets["profiler_peak_vs_allocator"]["met"] is None  # no GPU memory on the CPU
-    assert targets["host_upgrade_vs_pinned"]["values"]
     text = md.read_text()
-    assert "## Targets" in text and "| resnet18 | fp32 |" in text
+    assert "## Targets" in text and "| resnet | fp16 | resnet10+fp16 |" in text
+
+
+_MECHANISMS = re.compile(r"prun|exit_?head|(^|_)heads?(_|$)|exit_split|drop_tail|attach_tail|"
+                         r"truncat", re.I)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_benchmarks_define_no_pruning_or_exit_heads(path):
+    """Benchmarks call the library: none defines a pruner, an exit head, a torch module or
+    its own in-place downgrade (what a device run certifies must be what memadapt ships)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            assert not _MECHANISMS.search(node.name), f"{path.name}: {node.name}"
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(b) for b in node.bases]
+            assert not any(b.endswith("Module") for b in bases), f"{path.name}: {node.name}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any(n.startswith("torch_pruning") for n in names), path.name
