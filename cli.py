@@ -294,22 +294,12 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
 def _generate_heads(model, fam, store, heads, quantize, prune, exits, combine, calib,
                     num_classes, weights, pretrained, recover_steps, resolution, name, seed,
                     as_json) -> None:
-    from variants.heads import generate_heads, list_label_sets
+    from variants.heads import check_head_options, generate_heads, parse_label_sets
 
-    if fam.name != "bert":
-        raise click.BadParameter(f"task heads are built in for the BERT family; {model!r} is "
-                                 f"{fam.name}", param_hint="--heads")
-    clash = [flag for flag, v in (("--num-classes", num_classes), ("--weights", weights),
-                                  ("--name", name), ("--calib", calib),
-                                  ("--resolution", resolution)) if v is not None]
-    clash += ["--pretrained"] if pretrained else []
-    if clash:
-        raise click.UsageError(f"--heads names and sizes its task models itself; drop "
-                               f"{', '.join(clash)}")
-    sets = [h.strip() for h in heads.split(",") if h.strip()]
-    if not sets:
-        raise click.BadParameter(f"give label sets: built-in {', '.join(list_label_sets())} "
-                                 f"or .tsv files", param_hint="--heads")
+    check_head_options(model, {"--num-classes": num_classes, "--weights": weights,
+                               "--name": name, "--calib": calib, "--resolution": resolution,
+                               "--pretrained": pretrained})
+    sets = parse_label_sets(heads)
     with _Progress(not as_json) as bar:
         out = generate_heads(model, sets, store, exits=exits, quantize=quantize, prune=prune,
                              combine=combine, seed=seed, recover_steps=recover_steps,

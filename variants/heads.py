@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,35 @@ class LabelSet:
 def list_label_sets() -> dict[str, str]:
     """Built-in label sets and what they label."""
     return dict(_BUILT_IN)
+
+
+def parse_label_sets(text: str) -> list[str]:
+    """``"topic,module"`` -> ``["topic", "module"]``; nothing given is a SpecError that
+    lists the built-in sets."""
+    sets = [h.strip() for h in str(text).split(",") if h.strip()]
+    if not sets:
+        raise SpecError(f"give label sets to train heads on: built-in "
+                        f"{', '.join(list_label_sets())} or .tsv files of text<TAB>label lines")
+    return sets
+
+
+def check_head_options(backbone: str, given: Mapping[str, Any]) -> None:
+    """Refuse what a task-head run decides itself, before any work: heads are built in for
+    the BERT family; each task model is named ``<backbone>-<label set>`` and sized by its
+    labels, its backbone is the built-in model as is, and it trains on its label set. So
+    ``given`` (option -> value, named as the caller spells them, e.g. ``"--num-classes"``)
+    must leave name, class count, weights, calibration data and resolution unset (None or
+    False); a SpecError names the ones that are set."""
+    from variants.families import family_of
+
+    fam = family_of(backbone)
+    if fam.name != "bert":
+        raise SpecError(f"task heads are built in for the BERT family; {backbone!r} is "
+                        f"{fam.name}: drop --heads or use a BERT model (e.g. minilm)")
+    clash = [opt for opt, value in given.items() if value is not None and value is not False]
+    if clash:
+        raise SpecError(f"heads name and size their task models themselves (from the label "
+                        f"sets, on {backbone!r} as built); drop {', '.join(clash)}")
 
 
 def load_label_set(spec: str) -> LabelSet:

@@ -7,7 +7,7 @@ from typing import Any
 from variants.errors import DataError, UnknownNameError
 from variants.exits import EXIT_KEY, ExitAdapter, register_exit_adapter
 from variants.families._base import Built, Family, InputSpec, ModelInfo, register_family
-from variants.weights import load_state_dict_file
+from variants.weights import load_weights_into
 
 # name -> (torchvision constructor, params at 1000 classes, note)
 _RESNETS: dict[str, tuple[str, int]] = {
@@ -73,7 +73,7 @@ class ResNetFamily(Family):
                             f"(got resolution={resolution}, data_resolution={data_resolution})")
         module = _construct(model, num_classes, pretrained=pretrained and not weights)
         if weights:
-            module.load_state_dict(load_state_dict_file(weights))
+            load_weights_into(module, weights, model=model)
         module.eval()
         arch = {"family": self.name, "model": model, "num_classes": num_classes,
                 "resolution": int(resolution), "data_resolution": int(data_resolution)}
