@@ -15,29 +15,19 @@ from gpu_check_plan import FP16_RATIO, PEAK_TOLERANCE, SWAP_TOLERANCE, UPGRADE_F
 
 
 def profile_rows(store_root: Path, device: str, backends) -> list[dict[str, Any]]:
-    """Every profiled (variant, backend, batch) of the check's store on this device type."""
+    """``profiler.report.rows`` (what ``memadapt show --json`` prints) of every profiled
+    (variant, backend, batch) of the check's store on this device type."""
     import profiler
+    from profiler.report import rows
 
     dtype = "cuda" if device.startswith("cuda") else "cpu"
-    rows = []
+    out = []
     for backend in backends:
         try:
-            profiles = profiler.load_profiles(store_root, device=dtype, backend=backend)
+            out += rows(profiler.load_profiles(store_root, device=dtype, backend=backend))
         except Exception as e:  # noqa: BLE001 - no catalog yet: nothing profiled
-            rows.append({"backend": backend, "error": f"{type(e).__name__}: {e}"})
-            continue
-        for p in profiles:
-            for b in p.batches:
-                rows.append({"name": p.name, "backend": backend, "batch": b.batch,
-                             "status": b.status, "error": b.error,
-                             "peak_memory_bytes": b.peak_memory_bytes,
-                             "static_memory_bytes": b.static_memory_bytes,
-                             "memory_method": b.memory_method,
-                             "p50_s": b.latency_p50_s, "p99_s": b.latency_p99_s,
-                             "throughput": b.throughput, "load_cold_s": b.load_cold_s,
-                             "load_warm_s": b.load_warm_s, "fidelity": p.fidelity,
-                             "params": p.params, "bytes": p.bytes})
-    return rows
+            out.append({"backend": backend, "error": f"{type(e).__name__}: {e}"})
+    return out
 
 
 def _step(report: dict, name: str) -> dict:
@@ -132,6 +122,15 @@ def _num(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _section(title: str, columns: str) -> list[str]:
+    """A markdown heading and table header; ``columns`` split by ``|``, a trailing ``>``
+    right-aligns one."""
+    cols = [c.strip() for c in columns.split("|")]
+    head = " | ".join(c.rstrip(">").strip() for c in cols)
+    rule = " | ".join("---:" if c.endswith(">") else "---" for c in cols)
+    return ["", f"## {title}", "", f"| {head} |", f"| {rule} |"]
+
+
 def _met(m) -> str:
     return {True: "met", False: "NOT met", None: "n/a"}[m]
 
@@ -169,9 +168,8 @@ def markdown(report: dict) -> str:
         out.append(f"| {name}: {t.get('target', '')} | {_met(t['met'])} | "
                    f"{json.dumps(detail, default=str)[:300]} |")
     gen = _step(report, "generate")
-    out += ["", "## Variants (`variants.generate`)", "",
-            "| model | kind | variant | params | ONNX MiB | weights MiB |",
-            "| --- | --- | --- | ---: | ---: | ---: |"]
+    out += _section("Variants (`variants.generate`)",
+                    "model | kind | variant | params> | ONNX MiB> | weights MiB>")
     for x in gen.get("variants", []):
         out.append(f"| {x['model']} | {x['kind']} | {x['name']} | {x['params']:,} | "
                    f"{_mib(x['onnx_bytes'])} | {_mib(x['weights_bytes'])} |")
@@ -181,23 +179,22 @@ def markdown(report: dict) -> str:
                f"**{_num(bw.get('gbps'), '{:.2f}')} GB/s** (pageable "
                f"{_num(bw.get('pageable_gbps'), '{:.2f}')} GB/s)." if bw.get("status") == "ok"
                else f"not measured: {bw.get('status', 'skipped')} {bw.get('error', '')}")
-    out += ["", "## Profiles (`profiler.profile`)", "",
-            "| variant | backend | batch | status | peak MiB | static MiB | p50 ms | p99 ms | "
-            "cold load s | fidelity |",
-            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += _section("Profiles (`profiler.profile`)",
+                    "variant | backend | batch> | status | peak MiB> | static MiB> | p50 ms> | "
+                    "p99 ms> | cold load s> | fidelity>")
     for r in report.get("profiles", []):
         if "name" not in r:
             out.append(f"| - | {r['backend']} | - | {r.get('error')} | | | | | | |")
             continue
         out.append(f"| {r['name']} | {r['backend']} | {r['batch']} | {r['status']} | "
                    f"{_mib(r['peak_memory_bytes'])} | {_mib(r['static_memory_bytes'])} | "
-                   f"{_ms(r['p50_s'])} | {_ms(r['p99_s'])} | {_num(r['load_cold_s'])} | "
+                   f"{_ms(r['latency_p50_s'])} | {_ms(r['latency_p99_s'])} | "
+                   f"{_num(r['load_cold_s'])} | "
                    f"{_num(r['fidelity'])} |")
     downs = _step(report, "downgrade").get("models", [])
-    out += ["", "## In-place downgrade and upgrade (`variants.shared`)", "",
-            "| model | drop ms | freed MiB (allocator) | exit first run ms | tail MiB | "
-            "upgrade ms | upgrade GB/s | exit / full rel diff |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    out += _section("In-place downgrade and upgrade (`variants.shared`)",
+                    "model | drop ms> | freed MiB (allocator) | exit first run ms> | "
+                    "tail MiB> | upgrade ms> | upgrade GB/s> | exit / full rel diff")
     for x in downs:
         if x.get("status") != "ok":
             out.append(f"| {x['model']} | {x.get('status')} {x.get('error', '')} | | | | | | |")
@@ -208,9 +205,9 @@ def markdown(report: dict) -> str:
                    f"{_num(x['upgrade_gbps'], '{:.2f}')} | {x['exit_max_rel_diff']:.1e} / "
                    f"{x['upgrade_max_rel_diff']:.1e} |")
     serve = _step(report, "serve")
-    out += ["", "## Serving (`VariantCache`)", "",
-            "| phase | budget MiB | resident MiB | served | downgrades | upgrades | cold loads |",
-            "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    out += _section("Serving (`VariantCache`)",
+                    "phase | budget MiB> | resident MiB> | served | downgrades> | upgrades> | "
+                    "cold loads>")
     for ph in serve.get("phases", []):
         served = ", ".join(f"{s['variant']}{' (cold)' if s['cold'] else ''}"
                            for s in ph["served"])
