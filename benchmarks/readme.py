@@ -1,0 +1,152 @@
+"""Render the README's figures from the committed results, so a figure nobody can reproduce
+cannot stay in it.
+
+The README holds generated blocks between ``<!-- BEGIN name -->`` and ``<!-- END name -->``;
+each is rendered here from ``benchmarks/results/*.json``. ``tests/test_readme.py`` fails when
+the README differs from what this renders.
+
+Run:  python benchmarks/readme.py            (rewrite the blocks in README.md)
+      python benchmarks/readme.py --check    (exit 1 when README.md is stale)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(results: Path, name: str) -> dict[str, Any]:
+    return json.loads((results / name).read_text())
+
+
+def headline(results: Path) -> str:
+    """The policy headline from ``policies.json``."""
+    rep = _load(results, "policies.json")
+    meta, s, rows = rep["meta"], rep["summary"], rep["results"]
+    from adaptive.policies import competitors
+
+    comp = competitors(meta["policies"])
+    comp = ["infaas"] + [p for p in comp if p != "infaas"]
+    pops = [p["population"] for p in rep["populations"]]
+    lines = [
+        f"**Headline** (`python benchmarks/policies.py`; every row in "
+        f"`benchmarks/results/policies.json`, tables in `policies.md`, plots "
+        f"`policies-<population>.png`). {len(pops)} populations "
+        f"({', '.join(f'`{p}`' for p in pops)}) x {len(meta['kinds'])} traces "
+        f"({', '.join(meta['kinds'])}) x {len(meta['fractions'])} budgets "
+        f"({meta['fractions'][0]:.0%}-{meta['fractions'][-1]:.0%} of all base variants) = "
+        f"{s['cells']} cells, {meta['requests']:,} requests each over {meta['models']} "
+        f"models. memadapt against every online policy a user would pick instead "
+        f"({', '.join(comp)}), with the offline `belady` (Belady-Size) and `bound` (PFOO-L: "
+        f"no policy can miss less) as references:",
+        "",
+        "| check (memadapt vs every online policy) | cells where it holds |",
+        "| --- | ---: |",
+        f"| miss + stall rate <= every online policy | {s['late']} / {s['cells']} |",
+        f"| SLO attainment >= every online policy | {s['slo']} / {s['cells']} |",
+        f"| normalized accuracy >= infaas - 0.005 | {s['normalized']} / {s['cells']} |",
+        f"| highest effective accuracy of all online policies | {s['effective']} / "
+        f"{s['cells']} |",
+        f"| no floor violations | {s['floors']} / {s['cells']} |",
+        f"| **all of the above** | **{s['holds']} / {s['cells']}** |",
+        "",
+    ]
+    lines += ["| population / trace | budget | memadapt miss+stall | infaas | best other online "
+              "| bound | memadapt eff. acc. | infaas | best other |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for pop in pops:
+        for kind in meta["kinds"]:
+            for frac in (0.1, 0.3):
+                cell = {r["policy"]: r for r in rows if r["population"] == pop
+                        and r["kind"] == kind and abs(r["budget_fraction"] - frac) < 1e-9}
+                if not cell:
+                    continue
+
+                def late(p: str, cell: dict = cell) -> float:
+                    return cell[p]["miss_rate"] + cell[p]["stall_rate"]
+
+                others = [p for p in comp if p != "infaas"]
+                bl = min(others, key=late)
+                be = max(others, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
+                lines.append(
+                    f"| {pop} / {kind} | {frac:.0%} | {late('memadapt'):.4f} | "
+                    f"{late('infaas'):.4f} | {late(bl):.4f} ({bl}) | "
+                    f"{cell['bound']['miss_rate']:.4f} | "
+                    f"{cell['memadapt']['effective_accuracy']:.4f} | "
+                    f"{cell['infaas']['effective_accuracy']:.4f} | "
+                    f"{cell[be]['effective_accuracy']:.4f} ({be}) |")
+    lines.append("")
+    if s["bound_ratio_max"] is not None:
+        lines += [f"Where the bound is above the compulsory misses, memadapt's miss rate is "
+                  f"{s['bound_ratio_median']:.2f}x the bound at the median and "
+                  f"{s['bound_ratio_max']:.2f}x at worst; the offline Belady-Size itself is "
+                  f"{s['belady_bound_ratio_median']:.2f}x at the median: the bound is a "
+                  f"relaxation (space-time summed over the whole trace), not a schedule any "
+                  f"policy could follow, so 1.3x of it is out of reach even offline.", ""]
+    if rep.get("timing"):
+        tm = ", ".join(f"{t['policy']} {t['simulate_s']:.1f} s" for t in rep["timing"])
+        t0 = rep["timing"][0]
+        lines += [f"The simulator replays {t0['requests']:,} requests over {t0['models']} "
+                  f"models in {tm} (same file, `timing`).", ""]
+    if s["short"]:
+        lines += [f"It falls short in {len(s['short'])} cells:", ""]
+        n = meta["requests"]
+        for x in s["short"]:
+            cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
+                    and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
+            late = {p: round((r["miss_rate"] + r["stall_rate"]) * n) for p, r in cell.items()
+                    if p != "bound"}
+            top = max(comp, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
+            also = f", {top} {late[top]}" if top != "infaas" else ""
+            lines.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
+                         f"{'; '.join(x['shortfalls'])} (late requests of {n:,}: memadapt "
+                         f"{late['memadapt']}, infaas {late['infaas']}{also})")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline}
+_BLOCK = re.compile(r"(<!-- BEGIN (\w+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
+
+
+def render(text: str, results: Path = RESULTS) -> str:
+    """``text`` (the README) with every generated block rendered from ``results``."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in BLOCKS:
+            raise SystemExit(f"README block {name!r} has no renderer; known: {sorted(BLOCKS)}")
+        return m.group(1) + BLOCKS[name](results) + m.group(4)
+
+    return _BLOCK.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    path = Path(args.readme)
+    text = path.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print(f"{path} differs from benchmarks/results: run python benchmarks/readme.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
