@@ -1003,10 +1003,17 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
               metavar="SIZE", help="Larger request bodies get 413.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Scale out on Ray Serve (extra memadapt[ray]): one cache per replica, "
+                   "requests routed by model.")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True,
+              help="With --ray: how many replicas (each with its own cache and budget).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --ray: join this Ray cluster instead of starting a local one.")
 @_errors
 def serve_cmd(store, budget, floors, slos, policy, profiles, device, backend, max_batch,
               threads, rebalance_s, host_tier, host_budget, share_weights, max_request_bytes,
-              host, port) -> None:
+              host, port, use_ray, replicas, ray_address) -> None:
     """Serve STORE's models over the Open Inference Protocol (KServe v2 REST).
 
     Speaks what tritonclient, the KServe SDK and Seldon speak: /v2/health/ready,
@@ -1016,13 +1023,21 @@ def serve_cmd(store, budget, floors, slos, policy, profiles, device, backend, ma
     from adaptive.serve import ServeConfig, serve
 
     level = logging.getLogger().getEffectiveLevel()
-    serve(ServeConfig(
+    config = ServeConfig(
         store, budget=budget, device=device, backend=backend, floors=floors,
         slos={m: ms / 1e3 for m, ms in slos.items()}, policy=policy, profiles=profiles,
         max_batch=max_batch, threads=threads, rebalance_s=rebalance_s,
         keep_host_bytes=host_tier, host_budget=host_budget, share_weights=share_weights,
         host=host, port=port, max_request_bytes=max_request_bytes,
-        log_level=logging.getLevelName(level).lower()))
+        log_level=logging.getLevelName(level).lower())
+    if use_ray:
+        from adaptive.serve.scaleout import serve_ray
+
+        serve_ray(config, replicas, ray_address)
+    elif replicas != 2 or ray_address:
+        raise click.UsageError("--replicas and --ray-address need --ray")
+    else:
+        serve(config)
 
 
 if __name__ == "__main__":  # pragma: no cover
