@@ -113,7 +113,93 @@ def headline(results: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline}
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f}"
+
+
+def measured(results: Path) -> str:
+    """The "Measured" table: one row per committed result file's main figures."""
+    rows: list[tuple[str, str, str]] = []
+    rec = _load(results, "recovery.json")
+    d = rec["digits_resnet18"]
+    vs = " / ".join(v["variant"].removeprefix("resnet18+") for v in d["variants"])
+    acc = " / ".join(f"{v['accuracy_after']:.1%}" for v in d["variants"])
+    par = " / ".join(f"{v['params_ratio']:.0%}" for v in d["variants"])
+    rows.append((f"ResNet-18 on digits (base {d['base_accuracy']:.1%} held out) after "
+                 f"recovery: {vs}", f"{acc} accuracy at {par} of the parameters",
+                 "`benchmarks/recovery.py` -> `recovery.json`"))
+    m = rec["minilm"]
+    rows.append(("MiniLM (real weights) after recovery, token cosine to the base on held-out "
+                 "text", ", ".join(f"{v['variant'].removeprefix('minilm+')} "
+                                   f"{v['fidelity_after']:.4f} ({v['params_ratio']:.0%} of the "
+                                   f"parameters, {v['recover_steps']} steps)"
+                                   for v in m["variants"]),
+                 "`benchmarks/recovery.py` -> `recovery.json`"))
+    prof = _load(results, "profile.json")
+    peak = {(r["name"], r["batch"]): r["peak_memory_bytes"] for r in prof["rows"]
+            if r.get("peak_memory_bytes")}
+    shown = [n for n in ("resnet18", "resnet18+int8", "resnet18+prune0.5")
+             if (n, 1) in peak and (n, 8) in peak]
+    rows.append(("Peak memory at batch 1 / 8, MiB (ResNet-18, onnxruntime CPU, arena off)",
+                 ", ".join(f"{n.removeprefix('resnet18+') if '+' in n else 'base'} "
+                           f"{_mib(peak[(n, 1)])} / {_mib(peak[(n, 8)])}" for n in shown),
+                 "`benchmarks/profile_bench.py` -> `profile.json`"))
+    rows.append(("Same variant profiled three times (largest spread of the peak)",
+                 f"{max(x['rel_spread'] for x in prof['repeatability']):.2%}",
+                 "`profile.json` (`repeatability`)"))
+    rows.append((f"Profiling {len(prof['profile_s_per_variant'])} ResNet-18 variants at batch "
+                 f"{' and '.join(str(b) for b in prof['settings']['batches'])} "
+                 f"({prof['settings']['runs']} runs)", f"{prof['profile_s']:.0f} s; memory "
+                 f"model within {max(x['rel_error'] for x in prof['fit']):.1%}; `/usr/bin/time` "
+                 f"cross-check within {max(x['rel_diff'] for x in prof['cross_check']):.1%}",
+                 "`profile.json`"))
+    sel = {k: v for k, v in _load(results, "select.json")["results"].items()
+           if "exact_p99_ms" in v}
+    ex = [v["exact_p99_ms"] for v in sel.values()]
+    rows.append((f"`select`, {_load(results, 'select.json')['meta']['models']} models x "
+                 f"{_load(results, 'select.json')['meta']['variants']} variants",
+                 f"exact p99 {min(ex):.1f}-{max(ex):.1f} ms, fast p99 "
+                 f"{max(v['fast_p99_ms'] for v in sel.values()):.1f} ms, fast mean gap "
+                 f"{max(v['fast_gap_mean'] for v in sel.values()):.0e}",
+                 "`benchmarks/select_bench.py` -> `select.json`"))
+    ov = _load(results, "cache.json")["results"]["overhead"]
+    rows.append(("`VariantCache.infer` overhead over a bare session run",
+                 ", ".join(f"{o['model']} {o['overhead_us']:.0f} us" for o in ov),
+                 "`benchmarks/cache_bench.py` -> `cache.json`"))
+    sh = _load(results, "sharing.json")
+    runs = sh["hosting"]["runs"]
+    rows.append(("Two MiniLM task models in one `VariantCache`, `share_weights` on vs off",
+                 f"{sh['hosting']['ratio_shared_over_separate']:.2f}x the RSS "
+                 f"({runs['shared']['rss_delta_bytes'] / 1e6:.0f} vs "
+                 f"{runs['separate']['rss_delta_bytes'] / 1e6:.0f} MB)",
+                 "`benchmarks/sharing.py` -> `sharing.json`"))
+    by: dict[str, list[float]] = {}
+    for e in sh["exits"]:
+        by.setdefault(e["model"], []).append(e["downgrade_ms"])
+    rows.append(("In-place downgrade full -> exit@k (no file opened)",
+                 ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} ms" for k, v in by.items()),
+                 "`sharing.json` (`exits`)"))
+    lt = _load(results, "loadtest.json")
+    rows.append((f"Load test: {lt['clients']} `tritonclient` clients for {lt['seconds']:.0f} s "
+                 f"against `memadapt serve`, budget moved {lt['budget_changes']} times"
+                 if not isinstance(lt.get("budget_changes"), list) else
+                 f"Load test: {lt['clients']} `tritonclient` clients for {lt['seconds']:.0f} s "
+                 f"against `memadapt serve`, budget moved {len(lt['budget_changes'])} times",
+                 f"{lt['requests']:,} requests, {lt['failed']} failed, "
+                 f"{lt['throughput_rps']:.0f} req/s, p99 {lt['latency_p99_s'] * 1e3:.0f} ms",
+                 "`examples/loadtest.py` -> `loadtest.json`"))
+    pol = _load(results, "policies.json")
+    if pol.get("timing"):
+        t0 = pol["timing"][0]
+        rows.append((f"Simulator, {t0['requests']:,} requests over {t0['models']} models",
+                     ", ".join(f"{t['policy']} {t['simulate_s']:.1f} s" for t in pol["timing"]),
+                     "`benchmarks/policies.py` -> `policies.json` (`timing`)"))
+    out = ["| what | figure | source |", "| --- | --- | --- |"]
+    out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(out) + "\n"
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "measured": measured}
 _BLOCK = re.compile(r"(<!-- BEGIN (\w+) -->\n)(.*?)(<!-- END \2 -->)", re.S)
 
 

@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -15,15 +17,21 @@ import readme  # noqa: E402
 
 def test_readme_blocks_match_the_committed_results():
     text = (ROOT / "README.md").read_text()
-    assert "<!-- BEGIN headline -->" in text
+    assert "<!-- BEGIN headline -->" in text and "<!-- BEGIN measured -->" in text
     assert readme.render(text) == text, "README is stale: run python benchmarks/readme.py"
 
 
-def test_changing_a_result_changes_the_readme(tmp_path):
+@pytest.mark.parametrize("name,change", [
+    ("policies.json", lambda d: d["summary"].__setitem__("late", d["summary"]["late"] - 1)),
+    ("profile.json", lambda d: d.__setitem__("profile_s", d["profile_s"] + 60)),
+    ("recovery.json", lambda d: d["minilm"]["variants"][0].__setitem__("fidelity_after", 0.5)),
+    ("loadtest.json", lambda d: d.__setitem__("failed", d["failed"] + 1)),
+])
+def test_changing_a_result_changes_the_readme(tmp_path, name, change):
     res = tmp_path / "results"
     shutil.copytree(ROOT / "benchmarks" / "results", res)
-    doc = json.loads((res / "policies.json").read_text())
-    doc["summary"]["late"] -= 1
-    (res / "policies.json").write_text(json.dumps(doc))
+    doc = json.loads((res / name).read_text())
+    change(doc)
+    (res / name).write_text(json.dumps(doc))
     text = (ROOT / "README.md").read_text()
     assert readme.render(text, res) != text
