@@ -294,3 +294,25 @@ def test_budget_moves_during_traffic_downgrades_without_failures(server):
                  "memadapt_misses", "memadapt_served_accuracy", "memadapt_model_resident_bytes",
                  "memadapt_stall_seconds"):
         assert name in after, name
+
+
+def test_serve_command_refuses_bad_flag_combinations(tiny_store):
+    from click.testing import CliRunner
+
+    import cli
+
+    r = CliRunner().invoke(cli.main, ["serve", str(tiny_store.root), "--replicas", "3"])
+    assert r.exit_code == 2 and "--ray" in r.output
+    r = CliRunner().invoke(cli.main, ["serve", str(tiny_store.root), "--port", "70000"])
+    assert r.exit_code == 2
+
+
+def test_serve_config_spreads_a_bare_value_over_every_model():
+    from adaptive.errors import AdaptiveError
+    from adaptive.serve import ServeConfig
+    from adaptive.serve.server import per_model
+
+    assert per_model({"*": 0.9, "b": 0.5}, ["a", "b"]) == {"a": 0.9, "b": 0.5}
+    assert per_model({"a": 0.1}, ["a", "b"]) == {"a": 0.1}
+    with pytest.raises(AdaptiveError, match="SLO"):
+        ServeConfig("store", slos={"a": 0})
