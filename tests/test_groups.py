@@ -152,6 +152,14 @@ def test_group_refuses_members_evaluated_on_different_data(store):
         profiler.check_group_data(store, ["r10t", "resnet10"])
     r = invoke("group", "g", "r10t", "resnet10", "--out", store.root)
     assert r.exit_code == 2 and "'resnet10' was evaluated on random" in r.output
+    # the Python API does not read the catalog; reading the catalog for the group refuses it
+    group(store, "g", ["r10t", "resnet10"])
+    with pytest.raises(AdaptiveError, match="member 'resnet10' was evaluated on random"):
+        candidates_from_catalog(store)
+    r = invoke("select", store.root, "--budget", "1GiB")
+    assert r.exit_code == 1 and "'resnet10' was evaluated on random" in r.output
+    r = invoke("show", store.root)
+    assert r.exit_code == 0 and "warning: group 'g'" in r.output
     # an unprofiled member counts with the data `profile --eval auto` gives it: digits
     assert profiler.check_group_data(store, ["r10t", "r10t+int8"]) == "digits"
     # measured on the same data too: accepted
@@ -225,8 +233,13 @@ def test_simulate_and_the_cache_serve_the_group_name(profiled, tmp_path):
     assert r.exit_code == 0, r.output
     res = {x["policy"]: x for x in json.loads(r.output)}
     assert res["memadapt"]["floor_violations"] == 0
-    assert res["memadapt"]["mean_accuracy"] == pytest.approx(
-        profiler.load_group_profiles(profiled)[0].quality("r10t+int8"))
+    best_fitting = profiler.load_group_profiles(profiled)[0].quality("r10t+int8")
+    assert 0.5 <= res["memadapt"]["mean_accuracy"] <= best_fitting + 1e-9
+
+    r = invoke("replay", "--store", profiled.root, "--trace", trace, "--budget", budget,
+               "--floor", "digits=0.5", "--max-requests", "10", "--json")
+    assert r.exit_code == 0, r.output
+    assert "digits" in r.output
 
     images = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     with VariantCache(profiled, budget=budget, floors={"digits": 0.5}, max_batch=1) as cache:
@@ -243,3 +256,28 @@ def test_members_left_out_of_every_group_stay_their_base_model(profiled, tmp_pat
     cands = candidates_from_catalog(st, batch=1)
     assert {m: sorted(c.variant for c in cs) for m, cs in cands.items()} == {
         "digits": ["r10t", "r10t+int8", "resnet10+int8"], "resnet10": ["resnet10"]}
+
+
+def test_unlabelled_members_are_compared_by_fidelity_to_the_first_listed(tiny_store, tmp_path):
+    """bert-tiny and a second bert-tiny (another seed) on the built-in text: no labels, so the
+    reference is the first member and the other's quality is its cosine to it."""
+    import variants
+
+    _copy(tiny_store, tmp_path, "bert-tiny*")
+    variants.generate("bert-tiny", tmp_path, name="bert-tiny-b", seed=1)
+    st = Store(tmp_path)
+    members = ["bert-tiny-b", "bert-tiny", "bert-tiny+int8"]
+    r = invoke("group", "text", *members, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    r = invoke("profile", tmp_path, "--batch", "1", "--runs", "2", "--warmup", "1")
+    assert r.exit_code == 0, r.output
+    (gp,) = profiler.load_group_profiles(st)
+    assert gp.eval_set == "text" and gp.reference == "bert-tiny-b"
+    assert gp.fidelity_metric == "cosine"
+    assert all(p.accuracy is None for p in gp.members)
+    own = {p.name: p.fidelity for p in gp.members}  # to each member's own base
+    assert own["bert-tiny"] == pytest.approx(1.0) and gp.fidelity["bert-tiny"] < 0.99
+    cands = {c.variant: c.accuracy for c in candidates_from_catalog(st, batch=1)["text"]}
+    # two random encoders: cosine about 0 (clipped at 0 as a quality)
+    assert cands == pytest.approx({m: min(1.0, max(0.0, gp.fidelity[m])) for m in members})
+    assert cands["bert-tiny-b"] == 1.0
