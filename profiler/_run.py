@@ -17,7 +17,7 @@ from typing import Any
 from profiler.accuracy import BUILTIN_EVAL_SETS, Evaluator, resolve_eval
 from profiler.catalog import Catalog
 from profiler.device import DeviceInfo, device_info
-from profiler.errors import ProfilerError
+from profiler.errors import ProfilerDataError, ProfilerError
 from profiler.memory import ALLOCATORS, allocator_env, fit_memory
 from variants.backends import list_backends, parse_device
 from variants.errors import StoreError
@@ -76,8 +76,9 @@ def _check_args(device: str, backend: str, batches: Sequence[int], runs: int, wa
         raise ProfilerError(f"need runs >= 1 and warmup >= 0 (got runs={runs}, "
                             f"warmup={warmup})")
     if eval_set is not None and eval_set not in BUILTIN_EVAL_SETS and not Path(eval_set).exists():
-        raise ProfilerError(f"eval set {eval_set!r} is neither one of "
-                            f"{', '.join(BUILTIN_EVAL_SETS)} nor an existing file or folder")
+        raise ProfilerDataError(f"eval set {eval_set!r} is neither one of "
+                                f"{', '.join(BUILTIN_EVAL_SETS)} nor an existing file or "
+                                f"folder")
     return bs
 
 
