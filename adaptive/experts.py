@@ -19,7 +19,7 @@ from adaptive.admission import Rates
 
 __all__ = ["ORDERS", "EvictionExperts"]
 
-#: the eviction orders the experts compare (recency is the default, see ``order``)
+#: the eviction orders the experts compare, in tie-break order
 ORDERS = ("gdsf", "lru")
 
 
@@ -29,13 +29,11 @@ class EvictionExperts:
     caller counts each request there first); ``half_life_s`` is how fast a ghost's misses are
     forgotten."""
 
-    __slots__ = ("sizes", "rates", "half_life_s", "margin", "score", "last_t", "_lru",
-                 "_lru_used", "_gd", "_gd_used", "_logsize", "wins")
+    __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_lru_used",
+                 "_gd", "_gd_used", "_logsize", "wins")
 
-    def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0,
-                 margin: float = 0.25):
+    def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0):
         self.sizes = [float(s) for s in sizes]
-        self.margin = float(margin)
         self.rates = rates
         self.half_life_s = float(half_life_s)
         self.score = [0.0] * len(ORDERS)  # decayed ghost misses
@@ -91,12 +89,8 @@ class EvictionExperts:
             self._gd_used -= self.sizes[v]
 
     def order(self) -> int:
-        """Index into :data:`ORDERS` of the order whose ghost missed least lately. Recency
-        is the default; frequency per byte takes over only when its ghost missed clearly
-        less (by ``margin`` of the misses, at least one), so noise does not flip orders --
-        a switch costs the misses of re-sorting the cache."""
-        gd, lru = self.score
-        return 0 if gd < lru - max(2.0, self.margin * lru) else 1
+        """Index into :data:`ORDERS` of the order whose ghost missed least lately."""
+        return min(range(len(ORDERS)), key=self.score.__getitem__)
 
     def victim(self, candidates: Sequence[int] | dict[int, None]) -> int:
         """The model among ``candidates`` (non-empty) the winning order gives up first."""
