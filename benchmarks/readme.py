@@ -120,6 +120,13 @@ def _mib(b: float) -> str:
 def measured(results: Path) -> str:
     """The "Measured" table: one row per committed result file's main figures."""
     rows: list[tuple[str, str, str]] = []
+    if (results / "demo.json").exists():
+        dm = _load(results, "demo.json")
+        mins, secs = divmod(round(dm["wall_s"]), 60)
+        rows.append(("`make demo` on a fresh clone, nothing installed (venv, train, 16 variants "
+                     "with shortened recovery, profile, show, select, simulate)",
+                     f"{mins} min {secs} s (exit {dm['returncode']}, {dm['cpus']} cores)",
+                     "`benchmarks/demo_time.py` -> `demo.json`"))
     rec = _load(results, "recovery.json")
     d = rec["digits_resnet18"]
     vs = " / ".join(v["variant"].removeprefix("resnet18+") for v in d["variants"])
