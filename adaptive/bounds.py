@@ -91,7 +91,8 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     m = remap[trace.model]
     size = np.array(lad.min_mem, dtype=np.float64)[m]
     ts = np.asarray(trace.timestamps, dtype=np.float64)
-    served = size <= _budget_at(budget, ts)
+    b_at = _budget_at(budget, ts)
+    served = size <= b_at
     idx = np.flatnonzero(served)
     ms, tt, sz = m[idx], ts[idx], size[idx]
     order = np.lexsort((idx, ms))  # by model, then time
@@ -101,7 +102,7 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     # requests: the residency after each request fits the budget in force then, and holds
     # the model just served (an execution cache has no bypass): every served request costs
     # its model's bytes at its own instant, a hit's interval the instants strictly between
-    cap_req = float(_budget_at(budget, ts).sum()) - float(sz.sum())
+    cap_req = float(b_at.sum()) - float(sz.sum())
     hits_req = _max_hits(sz[a] * (idx[b] - idx[a] - 1).astype(np.float64), cap_req)
     cap_s = _space_time_s(budget, float(ts[0]), float(ts[-1]))
     hits_s = _max_hits(sz[a] * (tt[b] - tt[a]), cap_s)

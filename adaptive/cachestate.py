@@ -123,10 +123,6 @@ class CacheState:
         if total > self.budget:
             raise CacheInvariantError(f"{total} bytes charged over the budget of {self.budget}")
 
-    def next_event(self) -> float:
-        """When the next make-before-break load completes (inf: none pending)."""
-        return self._heap[0][0] if self._heap else math.inf
-
     # -- moves -----------------------------------------------------------------------------
 
     def _charge(self, delta: int, what: str, shrink_ok: bool = False) -> None:

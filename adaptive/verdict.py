@@ -58,6 +58,7 @@ def verdict(results: Mapping[str, Any], policy: str = "memadapt", *,
     me = results[policy]
     rivals = [p for p in competitors([p for p in results if p != "bound"]) if p != policy]
     short: list[str] = []
+    late_ok = slo_ok = eff_ok = True
 
     def late(r: Any) -> float:
         return r.miss_rate + r.stall_rate
@@ -65,11 +66,14 @@ def verdict(results: Mapping[str, Any], policy: str = "memadapt", *,
     for p in rivals:
         r = results[p]
         if late(me) > late(r) + _EPS:
+            late_ok = False
             short.append(f"miss+stall {late(me):.4f} > {p} {late(r):.4f}")
         if me.slo_attainment < r.slo_attainment - _EPS:
+            slo_ok = False
             short.append(f"SLO attainment {me.slo_attainment:.4f} < {p} "
                          f"{r.slo_attainment:.4f}")
         if me.effective_accuracy < r.effective_accuracy - _EPS:
+            eff_ok = False
             short.append(f"effective accuracy {me.effective_accuracy:.4f} < {p} "
                          f"{r.effective_accuracy:.4f}")
     norm_ok = True
@@ -87,10 +91,6 @@ def verdict(results: Mapping[str, Any], policy: str = "memadapt", *,
         ratio = me.miss_rate / b if b > 0 else (1.0 if me.miss_rate == 0 else float("inf"))
     best = min(rivals, key=lambda p: (late(results[p]), -results[p].effective_accuracy),
                default=None)
-    return Verdict(policy=policy,
-                   late=not any(s.startswith("miss+stall") for s in short),
-                   slo=not any(s.startswith("SLO") for s in short),
-                   normalized=norm_ok,
-                   effective=not any(s.startswith("effective") for s in short),
-                   floors=me.floor_violations == 0, bound_ratio=ratio,
+    return Verdict(policy=policy, late=late_ok, slo=slo_ok, normalized=norm_ok,
+                   effective=eff_ok, floors=me.floor_violations == 0, bound_ratio=ratio,
                    best_competitor=best, shortfalls=tuple(short))

@@ -130,9 +130,9 @@ def measured(results: Path) -> str:
     rec = _load(results, "recovery.json")
     d = rec["digits_resnet18"]
     vs = " / ".join(v["variant"].removeprefix("resnet18+") for v in d["variants"])
-    acc = " / ".join(f"{v['accuracy_after']:.1%}" for v in d["variants"])
+    acc = " / ".join(f"{v['accuracy_after']:g}" for v in d["variants"])
     par = " / ".join(f"{v['params_ratio']:.0%}" for v in d["variants"])
-    rows.append((f"ResNet-18 on digits (base {d['base_accuracy']:.1%} held out) after "
+    rows.append((f"ResNet-18 on digits (base accuracy {d['base_accuracy']:g} held out) after "
                  f"recovery: {vs}", f"{acc} accuracy at {par} of the parameters",
                  "`benchmarks/recovery.py` -> `recovery.json`"))
     m = rec["minilm"]

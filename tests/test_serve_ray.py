@@ -9,13 +9,20 @@ import subprocess
 import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 
 pytest.importorskip("ray.serve")
 tritonhttp = pytest.importorskip("tritonclient.http")
-from test_server import ROOT, _free_port, _image, _inputs, _text, tiny_profiles  # noqa: E402
+from test_server import (  # noqa: E402
+    ROOT,
+    _free_port,
+    _image,
+    _inputs,
+    _text,
+    tiny_profiles,
+    wait_ready,
+)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import variants  # noqa: E402
@@ -42,18 +49,7 @@ def ray_server(tiny_store, tmp_path_factory):
          "--replicas", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the Ray Serve server did not start")
+    wait_ready(proc, base, 240)
     yield base
     proc.send_signal(2)  # SIGINT: the command shuts the Serve application and Ray down
     try:

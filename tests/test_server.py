@@ -47,6 +47,23 @@ def tiny_profiles(path: Path) -> Path:
     return path
 
 
+def wait_ready(proc, base: str, timeout_s: float) -> None:
+    """Poll ``base``'s readiness until it answers 200; fail with the server's output if it
+    exits, or kill it and fail after ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"the server at {base} was not ready after {timeout_s:.0f} s")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_store, tmp_path_factory):
     profiles = tiny_profiles(tmp_path_factory.mktemp("srv") / "profiles.json")
@@ -57,18 +74,7 @@ def server(tiny_store, tmp_path_factory):
          "--max-request-bytes", "2MB", "--rebalance-s", "0.5", "--slo", "500"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(base + "/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start")
+    wait_ready(proc, base, 120)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
