@@ -234,6 +234,31 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
     return TorchSession(module.eval(), names, device=device, variant=manifest.name)
 
 
+#: backends whose sessions can load through a shared :class:`variants.shared.TensorPool`
+POOLED_BACKENDS = frozenset({"torch"})
+
+
+def supports_pool(backend: str) -> bool:
+    """Whether ``backend``'s factory takes ``pool=`` (``VariantCache(share_weights=True)``)."""
+    return backend in POOLED_BACKENDS
+
+
+def host_form(manifest, backend: str, device: str = "cpu") -> Any:
+    """What a host tier keeps of ``manifest`` so a re-load skips the disk; handed back to the
+    backend's factory as ``source=``. None: ``backend`` has no host form (re-loads read the
+    files). Size it with :func:`host_nbytes`."""
+    if backend == "onnxruntime":
+        return Path(manifest.onnx_path).read_bytes()
+    return None
+
+
+def host_nbytes(form: Any) -> int:
+    """Host memory a :func:`host_form` result holds."""
+    if isinstance(form, (bytes, bytearray, memoryview)):
+        return len(form)
+    return int(getattr(form, "nbytes"))
+
+
 def open_session(store, name: str, *, device: str = "cpu", backend: str = "onnxruntime",
                  threads: int | None = None, verify: bool = True) -> Session:
     """Load stored variant ``name`` into a runnable session on ``device``."""
