@@ -920,55 +920,87 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Intra-op threads per session (profile with the same for comparable "
                    "latency).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--policy", "policies", multiple=True, metavar="POLICY",
+              help="Policy the cache and the simulator run (repeat to compare several; "
+                   "default memadapt). Any online policy of `memadapt simulate`.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (one policy: the report; several: "
+                   '{"reports": [...]}).')
 @_slo_option
 @_errors
 def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, backend, threads,
-               as_json, slos) -> None:
+               policies, as_json, slos) -> None:
     """Run a request trace for real through the VariantCache and compare with the simulator.
 
-    The cache makes the simulator's memadapt decisions on the trace's clock
-    (requests run back to back); the table sets simulated and real miss rate
-    and latency side by side.
+    For each --policy the real cache runs that policy on the trace's clock
+    (requests back to back, swaps made by the request that caused them) and
+    the simulator runs it on the same candidates and planning budget; the table
+    sets simulated and real miss rate, stall rate, SLO attainment and latency
+    side by side. A request that, on the trace's clock, arrives before the load
+    it needs has ended counts as waiting for it, as it would in real time.
 
     \b
     Example:
-      memadapt replay --store store --trace t.csv --budget 64MiB --max-requests 500
+      memadapt replay --store store --trace t.csv --budget 64MiB --max-requests 500 \\
+        --policy memadapt --policy infaas --policy lru
     """
+    from adaptive.policies import list_policies, policy_class
     from adaptive.replay import replay
 
+    policies = policies or ("memadapt",)
+    for p in policies:
+        if p not in list_policies():
+            raise click.BadParameter(f"unknown policy {p!r}; known: {', '.join(list_policies())}",
+                                     param_hint="--policy")
+        if policy_class(p).offline:
+            raise click.BadParameter(f"{p!r} is offline (it needs the future trace); replay "
+                                     f"runs online policies", param_hint="--policy")
     trace = _read_trace(trace_path)
     families = _load_demands(store, None, device, backend, batch, floors, slos)
+    reports = []
     with _Progress(not as_json) as bar:
-        report = replay(store, trace, budget=budget, device=device, backend=backend, batch=batch,
-                        max_requests=max_requests, threads=threads, candidates=families,
-                        progress=bar)
+        for p in policies:
+            reports.append(replay(store, trace, budget=budget, device=device, backend=backend,
+                                  batch=batch, max_requests=max_requests, threads=threads,
+                                  candidates=families, policy=p, progress=bar))
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        out = reports[0].to_dict() if len(reports) == 1 else \
+            {"reports": [r.to_dict() for r in reports]}
+        click.echo(json.dumps(out, indent=2))
         return
     from rich.table import Table
 
-    t = Table(title=f"replay of {report.requests:,} requests, {len(report.models)} models on "
-                    f"{len(set(report.models.values()))} stored, budget {_fmt_bytes(budget)}")
+    first = reports[0]
+    t = Table(title=f"replay of {first.requests:,} requests, {len(first.models)} models on "
+                    f"{len(set(first.models.values()))} stored, budget {_fmt_bytes(budget)} "
+                    f"(planned with {_fmt_bytes(first.plan_budget_bytes)})")
+    t.add_column("policy")
     for col in ("metric", "simulated", "real", "difference"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     shown = {"miss_rate": ("miss rate", "{:.4f}", 1),
+             "stall_rate": ("stall rate", "{:.4f}", 1),
+             "slo_attainment": ("SLO attainment", "{:.4f}", 1),
              "mean_latency_s": ("mean latency", "{:.2f} ms", 1e3),
              "p99_latency_s": ("p99 latency", "{:.2f} ms", 1e3),
              "mean_accuracy": ("mean accuracy", "{:.4f}", 1),
              "evictions": ("evictions", "{:.0f}", 1),
              "downgrades": ("downgrades", "{:.0f}", 1),
              "upgrades": ("upgrades", "{:.0f}", 1)}
-    for m in report.metrics:
-        label, fmt, scale = shown.get(m.name, (m.name, "{:g}", 1))
-        diff = m.difference
-        t.add_row(label, fmt.format(m.simulated * scale), fmt.format(m.real * scale),
-                  f"{diff:+.1%}" if diff != float("inf") else "inf")
+    for report in reports:
+        for k, m in enumerate(report.metrics):
+            label, fmt, scale = shown.get(m.name, (m.name, "{:g}", 1))
+            diff = m.difference
+            t.add_row(report.policy if k == 0 else "", label, fmt.format(m.simulated * scale),
+                      fmt.format(m.real * scale),
+                      f"{diff:+.1%}" if diff != float("inf") else "inf",
+                      end_section=k == len(report.metrics) - 1)
     _console().print(t)
-    click.echo(f"{report.served:,} served, {report.failures} failed, {report.rejected} rejected "
-               f"by the simulator; real replay took {report.wall_s:.1f} s")
-    for e in report.errors:
-        click.echo(f"  {e}")
+    for report in reports:
+        click.echo(f"{report.policy}: {report.served:,} served, {report.failures} failed, "
+                   f"{report.rejected} rejected by the simulator; real replay took "
+                   f"{report.wall_s:.1f} s")
+        for e in report.errors:
+            click.echo(f"  {e}")
 
 
 @main.command("serve")

@@ -1,86 +1,64 @@
 """The embeddable variant cache: serve ``infer(model, inputs)`` from a memory budget.
 
 :class:`VariantCache` keeps at most one variant of each model resident, charges each the
-memory its profile says it needs at the configured batch size, and follows a changing budget
-by *downgrading* models to smaller variants (never below their accuracy floor) before it
-evicts any, and upgrading them again when memory returns. What to hold is decided by
-:mod:`adaptive.admission` (the same decisions the simulator's ``memadapt`` policy makes, on
-top of :func:`adaptive.select`); this module only moves sessions, safely.
+memory its profile says it needs at the configured batch size, and follows a changing budget.
+*What* to hold is a registered policy's decision (``CacheConfig.policy``): the simulator's
+policies run for real through :class:`~adaptive.driver.PolicyDriver`
+(:mod:`adaptive.cache_policy`), and ``memadapt-v1`` runs :mod:`adaptive.admission`'s
+re-planning rules natively (:mod:`adaptive.cache_replan`). This module moves sessions, safely,
+from small parts:
 
-Concurrency model (one owner, one lock):
+* :class:`~adaptive.ledger.ByteLedger`: every byte charged (sessions, loads in progress at
+  their load peak, the host tier when it shares the budget), each shared group once. What is
+  charged never exceeds the limit; a budget drop is *in force* (``budget``) once the charge is
+  under it.
+* sessions (:class:`_Entry`): each loaded session carries an in-flight count. A session that
+  leaves residency is *retired*: new requests no longer see it, requests already running on it
+  finish on it, and its bytes come back when the last one leaves.
+* :class:`~adaptive.hosttier.HostTier`: what re-loads need, in host memory.
 
-* ``_lock`` guards every piece of shared state (residency, accounting, counters, rates) and
-  is held only for short bookkeeping, never during a model run or a load.
-* Transitions (loads, swaps, evictions, budget changes) are made by one *planner* at a time,
-  a flag under ``_lock``. Loads therefore happen outside ``_lock``: hits on other models go on
-  while one model loads. Requests for a model that is being loaded wait on one pending load
-  (no thundering herd).
-* Every loaded session carries an in-flight count. A session that leaves residency is
-  *retired*: new requests no longer see it, requests already running on it finish on it, and
-  its memory is released when the last one leaves. Its bytes stay accounted until then.
-* Accounting: ``resident_bytes()`` is the sum of the charges of every session holding memory
-  (resident, draining, or being loaded). It never exceeds ``budget``: a load reserves its
-  charge before it starts and only if it fits, and a budget drop is published only once the
-  shed sessions have drained (``set_budget`` returns then), while new loads are already held
-  to the lower figure.
-* Swaps are make-before-break when the new variant fits beside the old one (load, switch the
-  pointer, retire the old) and break-before-make otherwise (retire the old first, so requests
-  for that model wait for the new one instead of failing).
-* Shared memory (``share_weights``, or :class:`~adaptive.sharing.SharedCandidate` candidates
-  with ``groups``): a variant is charged its private bytes, and each shared group (a frozen
-  backbone two task models use, the prefix a full model and its exit variant have in common)
-  once while any session holding memory needs it. A load is charged only the groups nobody
-  holds yet; a group's bytes come back when its last holder is released. The decisions see,
-  per model, what each of its candidates would add to what the *other* residents hold: exact
-  for one model's swap, and never optimistic when several move at once (a group two of them
-  drop is not counted as freed, and the groups a model being admitted could use are kept).
-  Re-plans use :func:`adaptive.sharing.select_shared`, which charges each group once.
+Concurrency: ``_lock`` guards every piece of shared state and is held only for bookkeeping
+(and the policy's decisions, which are pure and fast), never during a model run or a load.
+Loads run outside it: hits on other models go on while one model loads, and a miss loads on
+its own thread, never queued behind another model's swap. Budget changes are applied one at a
+time in the order they were made (``_budget_lock``). Every wait has a deadline
+(``wait_timeout_s``) and its error names the model and what it waited for.
 
 Clock, loader and budget source are injected, so tests use a fake clock and never sleep.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from adaptive.admission import (
-    Ladders,
-    Move,
-    Rates,
-    ReplanSchedule,
-    admit,
-    apply_targets,
-    plan_choice,
-    shed,
-    worth_applying,
-)
 from adaptive.budget import BudgetSource, as_budget
-from adaptive.errors import AdaptiveError
-from adaptive.select import OBJECTIVES, Candidate, ModelDemand, check_feasible
+from adaptive.cache_config import CacheConfig, config_from
+from adaptive.cache_policy import PolicyRules
+from adaptive.cache_replan import ReplanRules
+from adaptive.errors import AdaptiveError, CacheTimeout
+from adaptive.hosttier import HostTier
+from adaptive.ledger import ByteLedger, Hold
+from adaptive.select import Candidate, ModelDemand
 
 __all__ = [
-    "CacheStats", "CandidateSource", "InferResult", "Loader", "ModelStats", "UnknownModelError",
-    "VariantCache", "catalog_candidates", "default_loader",
+    "CacheConfig", "CacheStats", "CacheTimeout", "CandidateSource", "InferResult", "Loader",
+    "ModelStats", "UnknownModelError", "VariantCache", "catalog_candidates", "default_loader",
 ]
 
 log = logging.getLogger(__name__)
 
 #: (store, device, backend, max_batch) -> {model: candidates}; see :func:`catalog_candidates`.
 CandidateSource = Callable[[Any, str, str, int], Mapping[str, Sequence[Candidate]]]
-#: (manifest, device, backend, source_bytes or None) -> a session with ``run(inputs)``.
-Loader = Callable[[Any, str, str, "bytes | None"], Any]
-
-_LN2 = math.log(2.0)
+#: (manifest, device, backend, source or None) -> a session with ``run(inputs)``.
+Loader = Callable[[Any, str, str, Any], Any]
 
 
 class UnknownModelError(AdaptiveError, KeyError):
@@ -95,7 +73,8 @@ class InferResult:
     """One served request: the output and which variant produced it.
 
     ``cold`` is True when the model was not resident when the request arrived (it waited for
-    a load); ``latency_s`` is the wall time of the whole ``infer`` call, waiting included.
+    a load: a miss, or, with ``stalled``, for a break-before-make swap); ``latency_s`` is the
+    wall time of the whole ``infer`` call, waiting included.
     """
 
     output: Any
@@ -103,6 +82,11 @@ class InferResult:
     variant: str
     cold: bool
     latency_s: float
+    stalled: bool = False
+    #: how long the request would have waited for a load that, on the cache's clock, ended
+    #: after it arrived: 0 on a real-time clock; on a replay's trace clock (which does not
+    #: advance while a load runs) the wait real time would have had
+    queued_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,14 +109,13 @@ class ModelStats:
 class CacheStats:
     """Counters since construction and the state now.
 
-    ``requests = hits + misses + failures``: a hit ran on a resident variant at once, a miss
-    waited for a load first, a failure raised. ``cold_loads`` counts loads that requests
-    triggered (one per load however many requests waited on it), ``prefetches`` loads that
-    re-plans made for models not resident. ``host_bytes`` is the host tier (ONNX bytes kept
-    for fast re-loads), charged to ``host_budget`` instead of the budget. With shared
-    memory, ``bytes_resident`` counts each held group once: it is the models'
-    ``memory_bytes`` (private) plus ``shared_bytes`` (the groups held), loads and draining
-    sessions included.
+    ``requests = hits + misses + stalls + failures``: a hit ran on a resident variant at once,
+    a miss waited for a load first, a stall for a break-before-make swap, a failure raised.
+    ``cold_loads`` counts loads that requests triggered (one per load however many requests
+    waited on it), ``prefetches`` loads the policy made for models not requested.
+    ``host_bytes`` is the host tier. ``bytes_resident`` is everything charged (sessions, loads
+    in progress, draining sessions, the host tier when it shares the budget), each shared
+    group once (``shared_bytes``).
     """
 
     requests: int
@@ -150,6 +133,8 @@ class CacheStats:
     host_bytes: int
     models: Mapping[str, ModelStats]
     shared_bytes: int = 0
+    stalls: int = 0
+    policy: str = ""
 
     @property
     def swaps(self) -> int:
@@ -157,14 +142,14 @@ class CacheStats:
         return self.downgrades + self.upgrades
 
 
-def default_loader(manifest: Any, device: str, backend: str, source_bytes: bytes | None, *,
+def default_loader(manifest: Any, device: str, backend: str, source: Any, *,
                    threads: int | None = None, pool: Any = None) -> Any:
-    """Open a stored variant with the registered ``backend`` (from bytes when given; through
-    the tensor ``pool`` when given, torch only)."""
+    """Open a stored variant with the registered ``backend`` (from its host form when given;
+    through the tensor ``pool`` when given)."""
     from variants.backends import get_backend
 
     extra = {} if pool is None else {"pool": pool}
-    return get_backend(backend)(manifest, device=device, threads=threads, source=source_bytes,
+    return get_backend(backend)(manifest, device=device, threads=threads, source=source,
                                 **extra)
 
 
@@ -193,36 +178,28 @@ def catalog_candidates(store: Any, device: str, backend: str,
 class _Entry:
     """One loaded session of one variant; ``inflight`` requests are running on it."""
 
-    __slots__ = ("model", "cand", "session", "charge", "groups", "inflight", "retired",
-                 "releasing")
+    __slots__ = ("model", "cand", "session", "hold", "inflight", "retired", "releasing")
 
-    def __init__(self, model: str, cand: Candidate, session: Any, charge: int,
-                 groups: frozenset[str]):
+    def __init__(self, model: str, cand: Candidate, session: Any, hold: Hold):
         self.model = model
         self.cand = cand
         self.session = session
-        self.charge = charge  # private bytes; the shared groups are charged once, by group
-        self.groups = groups
+        self.hold = hold  # private bytes and the shared groups, in the ledger
         self.inflight = 0
         self.retired = False
         self.releasing = False
 
-
-class _Pending:
-    """A load some request asked for; other requests for the model wait on it."""
-
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.error: BaseException | None = None
+    @property
+    def charge(self) -> int:
+        return self.hold.private
 
 
 class _Model:
     """Per-model state, all guarded by the cache's lock."""
 
-    __slots__ = ("name", "index", "cands", "shared", "private", "needs", "index_of", "floor",
-                 "current", "pending", "since", "requests", "hits", "served", "acc_sum")
+    __slots__ = ("name", "index", "cands", "shared", "private", "needs", "excess", "index_of",
+                 "floor", "current", "pending", "job", "stalling", "since", "requests", "hits",
+                 "served", "acc_sum", "ready_at", "ready_kind")
 
     def __init__(self, name: str, cands: Sequence[Candidate], floor: float,
                  groups: Mapping[str, int]):
@@ -235,196 +212,143 @@ class _Model:
         self.needs = tuple(frozenset(getattr(c, "groups", ())) for c in self.shared)
         self.cands = tuple(
             c if not n else Candidate(c.variant, p + sum(groups[g] for g in n), c.accuracy,
-                                      c.latency_s, c.load_s)
+                                      c.latency_s, c.load_s, c.load_peak_bytes)
             for c, p, n in zip(self.shared, self.private, self.needs))
+        # bytes a load holds above its steady size while it loads (its profiled load peak)
+        self.excess = tuple(max(0, c.load_peak_bytes - c.memory_bytes) for c in self.cands)
         self.index_of = {c.variant: k for k, c in enumerate(self.cands)}
         self.floor = floor
         self.current: _Entry | None = None
-        self.pending: _Pending | None = None
+        self.pending: Any = None  # the re-planning rules' pending cold load
+        self.job: Any = None  # the policy path's load in progress (adaptive.cache_policy)
+        self.stalling = False  # its variant was broken before its replacement loaded
+        # on the cache's clock, when its last load (or break-before-make swap) ended
+        self.ready_at = -math.inf
+        self.ready_kind = "misses"
         self.since = 0  # when it last became resident (a sequence number): residency order
         self.requests = 0
         self.hits = 0
         self.served = 0
         self.acc_sum = 0.0
 
-    def demand(self, rate: float, cands: Sequence[Candidate] | None = None) -> ModelDemand:
-        return ModelDemand(self.name, self.cands if cands is None else cands, self.floor, rate)
+    def demand(self, rate: float = 0.0, cands: Sequence[Candidate] | None = None,
+               slo_s: float | None = None) -> ModelDemand:
+        return ModelDemand(self.name, self.cands if cands is None else cands, self.floor, rate,
+                           slo_s=slo_s)
+
+
+def fresh(err: BaseException) -> BaseException:
+    """A new exception like ``err`` for another thread to raise (one exception object raised
+    in many threads gets its traceback rewritten by each)."""
+    try:
+        new = copy.copy(err)
+    except Exception:  # noqa: BLE001 - any error type: fall back to the message
+        new = AdaptiveError(str(err))
+    new.__cause__ = err
+    return new
 
 
 class VariantCache:
-    """Serve many models from one memory budget, each as the best variant that fits.
+    """Serve many models from one memory budget, each as the variant its policy picks.
 
-    ``store`` is a :class:`variants.Store` (or its path); its models are the manifests' bases.
-    Candidates per model come from ``candidates`` (model -> :class:`Candidate` list naming
-    stored variants) or from ``profiles`` (a :data:`CandidateSource`; by default the
-    profiler's catalog via :func:`catalog_candidates`). ``aliases`` maps a served model name
-    to the stored base its candidates belong to, so several models (say, fine-tuned copies)
-    can be served from the same files, each with its own session and memory. Each resident
-    variant is charged its candidate's ``memory_bytes``, the profile at ``max_batch``;
-    ``infer`` refuses larger batches. ``floors`` maps models to accuracy floors (default 0).
+    ``VariantCache(store, config)``: ``store`` is a :class:`variants.Store` (or its path),
+    ``config`` a :class:`~adaptive.cache_config.CacheConfig` (keyword settings are shorthand:
+    ``VariantCache(store, budget="512MiB", policy="lru")``). Injected parts:
 
-    ``budget`` is bytes, a size string, a source name (``"cgroup"``, ``"cuda-free"``), a
-    function or a :class:`BudgetSource`; by default free CUDA memory on ``cuda`` devices and
-    the cgroup limit on ``cpu``. What to load, downgrade or evict is decided by
-    :mod:`adaptive.admission`, the simulator's ``memadapt`` rules: a miss downgrades the
-    cheapest residents before it evicts the coldest, a budget drop likewise. Rates are EWMAs
-    of observed requests (half-life ``ewma_halflife_s`` on ``clock``). ``rebalance()``
-    re-plans with :func:`adaptive.select` (``objective``) and applies the plan when the
-    residency it leads to gains more than ``hysteresis`` (a fraction of the requests served
-    from memory, then of the utility), unless forced; ``prefetch`` lets a re-plan load models
-    that are not resident. Re-plans happen on budget changes, on ``rebalance()``, in the
-    background thread (``start()``, or use the cache as a context manager; it polls the
-    budget source every ``budget_poll_s`` and re-plans every ``rebalance_interval_s``, never
-    when None) and, with ``schedule`` (a :class:`~adaptive.admission.ReplanSchedule`), on
-    request arrivals in ``clock`` time, as the simulator does.
+    * ``candidates`` (model -> :class:`Candidate` list naming stored variants) or
+      ``profiles`` (a :data:`CandidateSource`; by default the profiler's catalog via
+      :func:`catalog_candidates`); ``groups`` (group -> bytes) with
+      :class:`~adaptive.sharing.SharedCandidate` candidates to account sharing a custom
+      loader does;
+    * ``loader(manifest, device, backend, source)`` opens sessions (default:
+      :func:`default_loader`); ``clock`` (default :func:`time.monotonic`) is the time the
+      policy decides on; ``audit(charged, budget)`` (tests, monitors) is called under the
+      lock after every change of either.
 
-    ``share_weights`` (torch backend) hosts the variants in one content-addressed
-    :class:`variants.shared.TensorPool`: every tensor two resident variants have in common
-    (task models on one frozen backbone, a model's full and exit variants, aliases of one
-    model) is held once, and the accounting charges it once (see the module docstring);
-    the groups are read from the variants' safetensors (``variants.shared.sharing_groups``).
-    Alternatively pass :class:`~adaptive.sharing.SharedCandidate` candidates and ``groups``
-    (group name -> bytes) to account sharing your own loader does.
-
-    ``pin_allocator`` (CPU) pins glibc's mmap threshold as the profiler did, so resident
-    memory follows the catalog. ``loader(manifest, device, backend, source_bytes)`` opens
-    sessions (default:
-    :func:`default_loader` with ``threads``); ``keep_host_bytes`` keeps each loaded
-    variant's ONNX bytes in host memory so a re-load skips the disk: the *host tier*,
-    bounded by ``host_budget`` (bytes or a size string; None: unbounded), least recently
-    loaded out first; a variant larger than the host budget is not kept. ``verify`` checks every
-    candidate's files against their sha256 once, here, instead of at every load. ``audit``
-    (for tests and monitors) is called under the lock with ``(resident_bytes, budget_bytes)``
-    after every change of either and after every request.
+    Each resident variant is charged its candidate's ``memory_bytes`` (the profile at
+    ``max_batch``) and, while it loads, its ``load_peak_bytes``. ``infer`` refuses larger
+    batches. Requests never fail for memory while some variant meeting their model's floor
+    fits the budget; otherwise they raise :class:`~adaptive.errors.InfeasibleBudget`.
     """
 
-    def __init__(self, store: Any, *, device: str = "cpu", backend: str = "onnxruntime",
-                 budget: Any = None, floors: Mapping[str, float] | None = None,
+    def __init__(self, store: Any, config: CacheConfig | None = None, *,
                  candidates: Mapping[str, Sequence[Candidate]] | None = None,
-                 profiles: CandidateSource | None = None, max_batch: int = 8,
-                 loader: Loader | None = None, clock: Callable[[], float] = time.monotonic,
-                 rebalance_interval_s: float | None = None, budget_poll_s: float = 1.0,
-                 hysteresis: float = 0.1, ewma_halflife_s: float = 30.0,
-                 objective: str = "misses", threads: int | None = None,
-                 keep_host_bytes: bool = False, host_budget: Any = None, verify: bool = True,
-                 audit: Callable[[int, int], None] | None = None, pin_allocator: bool = True,
-                 prefetch: bool = True, schedule: ReplanSchedule | None = None,
-                 aliases: Mapping[str, str] | None = None, share_weights: bool = False,
-                 groups: Mapping[str, int] | None = None):
-        from variants.backends import list_backends, parse_device
+                 groups: Mapping[str, int] | None = None,
+                 profiles: CandidateSource | None = None, loader: Loader | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 audit: Callable[[int, int], None] | None = None, **settings: Any):
         from variants.store import Store
 
-        if objective not in OBJECTIVES:
-            raise AdaptiveError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-        if backend not in list_backends():
-            raise AdaptiveError(f"unknown backend {backend!r}; known: {', '.join(list_backends())}")
-        parse_device(device)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise AdaptiveError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        for name, v in (("ewma_halflife_s", ewma_halflife_s), ("budget_poll_s", budget_poll_s)):
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise AdaptiveError(f"{name} must be > 0 seconds, got {v!r}")
-        if rebalance_interval_s is not None and not rebalance_interval_s > 0:
-            raise AdaptiveError(f"rebalance_interval_s must be > 0 seconds or None, got "
-                                f"{rebalance_interval_s!r}")
-        if not (isinstance(hysteresis, (int, float)) and hysteresis >= 0):
-            raise AdaptiveError(f"hysteresis must be >= 0 (a fraction of the current utility), "
-                                f"got {hysteresis!r}")
-        if schedule is not None and not isinstance(schedule, ReplanSchedule):
-            raise AdaptiveError(f"schedule must be an adaptive.admission.ReplanSchedule or None, "
-                                f"got {schedule!r}")
-        if keep_host_bytes and backend != "onnxruntime":
-            raise AdaptiveError(f"keep_host_bytes needs the onnxruntime backend (it re-opens "
-                                f"sessions from ONNX bytes), not {backend!r}")
-        if share_weights and backend != "torch":
-            raise AdaptiveError(f"share_weights needs backend='torch' (onnxruntime sessions "
-                                f"cannot share tensors), not {backend!r}")
-        if share_weights and loader is not None:
+        cfg = config_from(config, settings)
+        self.config = cfg
+        if cfg.share_weights and loader is not None:
             raise AdaptiveError("share_weights loads through the cache's tensor pool; drop "
                                 "loader=, or account your loader's sharing with "
                                 "SharedCandidate candidates and groups=")
-
         self.store = store if isinstance(store, Store) else Store(store)
-        self.device = device
-        self.backend = backend
-        self.max_batch = max_batch
-        self.objective = objective
-        self.hysteresis = float(hysteresis)
-        self.prefetch = bool(prefetch)
-        self.schedule = schedule
-        self.rebalance_interval_s = rebalance_interval_s
-        self.budget_poll_s = float(budget_poll_s)
+        self.device = cfg.device
+        self.backend = cfg.backend
+        self.max_batch = cfg.max_batch
         self._clock = clock
-        self._keep_host = keep_host_bytes
-        self._host_budget: int | None = None
-        if host_budget is not None:
-            if not keep_host_bytes:
-                raise AdaptiveError("host_budget bounds the host tier; pass keep_host_bytes=True "
-                                    "too")
-            from adaptive.units import parse_size
-
-            try:
-                self._host_budget = parse_size(host_budget)
-            except ValueError as e:
-                raise AdaptiveError(f"host_budget: {e}") from None
         self._audit = audit
-        if pin_allocator and device == "cpu":
+        if cfg.pin_allocator and cfg.device == "cpu":
             # The catalog's CPU figures were measured with glibc's mmap threshold pinned;
-            # without it freed session-build memory stays resident and the process uses
-            # 1.2-2.3x what the budget accounts for (see profiler.memory).
+            # without it freed session-build memory stays resident (see profiler.memory).
             from profiler.memory import pin_allocator as _pin
 
             _pin()
         self._pool = None
-        if share_weights:
+        if cfg.share_weights:
             from variants.shared import TensorPool
 
-            self._pool = TensorPool(device)
+            self._pool = TensorPool(cfg.device)
         if loader is None:
-            def loader(manifest, device, backend, source_bytes, _threads=threads,
+            def loader(manifest, device, backend, source, _threads=cfg.threads,
                        _pool=self._pool):
-                return default_loader(manifest, device, backend, source_bytes, threads=_threads,
+                return default_loader(manifest, device, backend, source, threads=_threads,
                                       pool=_pool)
         self._loader = loader
 
         if candidates is None:
-            candidates = (profiles or catalog_candidates)(self.store, device, backend, max_batch)
+            candidates = (profiles or catalog_candidates)(self.store, cfg.device, cfg.backend,
+                                                          cfg.max_batch)
         self._models: dict[str, _Model] = {}
         self._manifests: dict[str, Any] = {}
         self._groups: dict[str, int] = {}
-        self._build_models(candidates, dict(floors or {}), dict(aliases or {}), verify,
-                           dict(groups or {}), share_weights)
+        self._build_models(candidates, dict(cfg.floors), dict(cfg.aliases), cfg.verify,
+                           dict(groups or {}), cfg.share_weights)
         for i, st in enumerate(self._models.values()):
             st.index = i
         self._names = list(self._models)
-        self._ladders = Ladders([st.demand(0.0) for st in self._models.values()])
-        self._rates = Rates(len(self._names), float(ewma_halflife_s) / _LN2)
-        self._targets = [-1] * len(self._names)  # candidate per model from the last re-plan
-        self._timer = schedule.timer() if schedule is not None else None
-        self._since = 0
+        #: bytes kept back from the decisions for one load's transient peak
+        self._headroom = (max((x for st in self._models.values() for x in st.excess),
+                              default=0) if cfg.charge_load_peak else 0)
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._planning = False
+        self._budget_lock = threading.Lock()
         self._closed = False
-        self._charged = 0  # bytes of every session holding memory, reservations included
-        self._draining = 0  # of which: private bytes of retired sessions still running requests
-        # holders of each shared group: sessions holding memory (reservations included), and
-        # of those the ones not retired; a group is charged while it has any holder
-        self._group_all: dict[str, int] = dict.fromkeys(self._groups, 0)
-        self._group_live: dict[str, int] = dict.fromkeys(self._groups, 0)
-        self._host: OrderedDict[str, bytes] = OrderedDict()  # least recently loaded first
+        self._since = 0
+        self._loading = 0  # loads in progress (their transient bytes settle when done)
+        self._retired: set[_Entry] = set()  # out of service, still running requests
         self._counts = dict.fromkeys(
-            ("requests", "hits", "misses", "failures", "cold_loads", "prefetches",
+            ("requests", "hits", "misses", "stalls", "failures", "cold_loads", "prefetches",
              "downgrades", "upgrades", "evictions", "rebalances"), 0)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-        self._source = self._default_source() if budget is None else as_budget(budget)
+        self._source = self._default_source() if cfg.budget is None else as_budget(cfg.budget)
         self._source.attach(self.resident_bytes)
         value = int(self._source())
-        self._budget = value  # in force: resident bytes never exceed it
-        self._limit = value  # target: what new loads are held to (lower while shedding)
+        self._ledger = ByteLedger(value, self._groups)
+        self._budget = value  # in force: charged bytes never exceed it
+        host_cap = cfg.host_budget_bytes()
+        self._host_shares_budget = cfg.keep_host_bytes and host_cap is None
+        self._host_holds: dict[str, Hold] = {}
+        self._host = HostTier(math.inf if host_cap is None else host_cap, self._host_size,
+                              on_evict=self._host_evicted)
+        rules = ReplanRules if cfg.replans else PolicyRules
+        self._rules = rules(self)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -483,6 +407,10 @@ class VariantCache:
         if floors:
             raise AdaptiveError(f"floors name unknown models {sorted(floors)}; the cache serves "
                                 f"{sorted(self._models)}")
+        slos = sorted(set(self.config.slos) - set(self._models))
+        if slos:
+            raise AdaptiveError(f"slos name unknown models {slos}; the cache serves "
+                                f"{sorted(self._models)}")
         if not self._models:
             raise AdaptiveError("no models to serve: candidates is empty")
 
@@ -508,10 +436,27 @@ class VariantCache:
         return tuple(self._models)
 
     @property
+    def objective(self) -> str:
+        """The objective plans are made for (``CacheConfig.objective``)."""
+        return self.config.objective
+
+    @property
+    def policy(self) -> str:
+        """The registered policy deciding what is resident."""
+        return self.config.policy
+
+    @property
     def budget(self) -> int:
-        """The budget in force, in bytes: resident bytes never exceed it."""
+        """The budget in force, in bytes: charged bytes never exceed it."""
         with self._lock:
             return self._budget
+
+    @property
+    def plan_budget(self) -> int:
+        """What the policy plans with: the budget less the headroom kept for one load's
+        transient peak (``charge_load_peak``)."""
+        with self._lock:
+            return self.plan_limit()
 
     @property
     def budget_source(self) -> BudgetSource:
@@ -523,10 +468,16 @@ class VariantCache:
         ``share_weights`` (its ``bytes()`` are the tensors really held), else None."""
         return self._pool
 
+    @property
+    def host_tier(self) -> HostTier:
+        """The host tier (empty unless ``keep_host_bytes``)."""
+        return self._host
+
     def resident_bytes(self) -> int:
-        """Accounted bytes: resident sessions, sessions draining and loads in progress."""
+        """Charged bytes: resident sessions, sessions draining, loads in progress and the host
+        tier when it shares the budget."""
         with self._lock:
-            return self._charged
+            return self._ledger.charged
 
     def resident(self) -> dict[str, str]:
         """Models with a resident variant, and that variant."""
@@ -542,8 +493,10 @@ class VariantCache:
         """Run ``inputs`` on the resident variant of ``model``, loading one if needed.
 
         Thread-safe. Raises :class:`UnknownModelError` for a model not served,
-        :class:`InfeasibleBudget` when no variant meeting the model's floor fits the budget,
-        and whatever the session raises for bad inputs.
+        :class:`~adaptive.errors.InfeasibleBudget` when no variant meeting the model's floor
+        fits the budget, :class:`~adaptive.errors.CacheTimeout` when a load it waits for
+        does not finish within ``wait_timeout_s``, and whatever the session raises for bad
+        inputs.
         """
         t0 = time.perf_counter()
         st = self._model(model)
@@ -552,83 +505,63 @@ class VariantCache:
             raise AdaptiveError(f"batch of {batch} for model {model!r} exceeds max_batch="
                                 f"{self.max_batch}, the size memory is charged for; split it "
                                 f"or build the cache with a larger max_batch")
-        with self._lock:
-            if self._closed:
-                raise AdaptiveError("the VariantCache is closed")
-            self._counts["requests"] += 1
-            st.requests += 1
-            now = self._clock()
-            self._rates.seen(st.index, now)
-            timer = self._timer
-            due = timer is not None and timer.due(now) and \
-                timer.check(now, lambda: self._rates.rates(now)) is not None
-            entry = None if due else st.current
-            if entry is not None:
-                entry.inflight += 1
-        if due:  # the schedule's re-plan comes before this request is served, as simulated
-            try:
-                self.rebalance()
-            except Exception:  # noqa: BLE001 - a failed re-plan must not fail the request
-                log.exception("scheduled re-plan failed")
+        try:
+            entry, kind, queued = self._rules.enter(st)
+        except BaseException:
             with self._lock:
-                entry = st.current
-                if entry is not None:
-                    entry.inflight += 1
-        cold = entry is None
-        if entry is None:
-            try:
-                entry = self._acquire_cold(st)
-            except BaseException:
-                with self._lock:
-                    self._counts["failures"] += 1
-                raise
+                self._counts["failures"] += 1
+            raise
         try:
             output = entry.session.run(inputs)
         except BaseException:
             self._leave(entry, st, None)
             raise
-        self._leave(entry, st, cold)
-        return InferResult(output, model, entry.cand.variant, cold, time.perf_counter() - t0)
+        self._leave(entry, st, kind)
+        result = InferResult(output, model, entry.cand.variant, kind != "hits",
+                             time.perf_counter() - t0, stalled=kind == "stalls", queued_s=queued)
+        self._rules.after_request()
+        return result
 
     def set_budget(self, budget: Any) -> None:
         """Install a new budget (bytes, size string, function or source) and follow it now.
 
-        Returns once the cache fits: on a drop, after the shed sessions have drained.
+        Returns once the cache fits: on a drop, after the shed sessions have drained; raises
+        :class:`~adaptive.errors.CacheTimeout` naming the models still running requests when
+        that takes longer than ``wait_timeout_s`` (new loads are held to the new budget
+        meanwhile). Budget changes apply in the order they were made.
         """
         source = as_budget(budget)
         source.attach(self.resident_bytes)
-        value = int(source())
-        with self._planner():
+        with self._budget_lock:
+            self._check_open()
+            value = int(source())
             self._source = source
-            self._apply_budget(value)
+            self._rules.apply_budget(value)
 
     def refresh_budget(self) -> bool:
         """Read the budget source and follow it if it changed; True when it did."""
-        if self._closed:
-            raise AdaptiveError("the VariantCache is closed")
-        try:
-            value = int(self._source())
-        except Exception as e:  # noqa: BLE001 - a flaky source must not stop serving
-            log.warning("budget source %r failed: %s; keeping %d bytes", self._source, e,
-                        self._limit)
-            return False
-        with self._lock:
-            if value == self._limit:
+        with self._budget_lock:
+            self._check_open()
+            source = self._source
+            try:
+                value = int(source())
+            except Exception as e:  # noqa: BLE001 - a flaky source must not stop serving
+                log.warning("budget source %r failed: %s; keeping %d bytes", source, e,
+                            self._ledger.limit)
                 return False
-        with self._planner():
-            if value == self._limit:
-                return False
-            self._apply_budget(value)
-        return True
+            with self._lock:
+                if value == self._ledger.limit:
+                    return False
+            self._rules.apply_budget(value)
+            return True
 
     def rebalance(self, *, force: bool = False) -> bool:
-        """Re-plan with the current request rates and execute the swaps; True if it did.
-
-        Skipped (False) when the plan would gain less than ``hysteresis`` times the current
-        utility, unless ``force`` or the current residency exceeds the budget.
-        """
-        with self._planner():
-            return self._rebalance(force)
+        """Re-plan now (``memadapt-v1``: with the current request rates, applying the plan
+        unless it gains less than ``hysteresis``; other policies decide on every request and
+        budget change, so this only completes the swaps they have due). True if it moved
+        anything."""
+        self._check_open()
+        return self._rules.rebalance(force)
 
     def stats(self) -> CacheStats:
         """A consistent snapshot of counters and residency."""
@@ -642,16 +575,15 @@ class VariantCache:
                     accuracy=e.cand.accuracy if e else None,
                     served_accuracy=st.acc_sum / st.served if st.served else None,
                     requests=st.requests, hits=st.hits, memory_bytes=e.charge if e else 0,
-                    rate=self._rates.rate(st.index, now))
-            return CacheStats(**self._counts, bytes_resident=self._charged,
-                              budget_bytes=self._budget,
-                              host_bytes=sum(len(b) for b in self._host.values()),
+                    rate=self._rules.rate(st, now))
+            return CacheStats(**self._counts, bytes_resident=self._ledger.charged,
+                              budget_bytes=self._budget, host_bytes=self._host.currsize,
                               models=MappingProxyType(models),
-                              shared_bytes=sum(b for g, b in self._groups.items()
-                                               if self._group_all[g]))
+                              shared_bytes=self._ledger.held_groups(), policy=self.policy)
 
     def start(self) -> VariantCache:
-        """Start the background thread that follows the budget source and re-plans."""
+        """Start the background thread that follows the budget source (and, with
+        ``memadapt-v1``, re-plans every ``rebalance_interval_s``)."""
         with self._lock:
             if self._closed:
                 raise AdaptiveError("the VariantCache is closed")
@@ -664,23 +596,24 @@ class VariantCache:
         return self
 
     def close(self) -> None:
-        """Stop the background thread and release every session (after in-flight requests)."""
+        """Stop the background threads and release every session once its requests finish
+        (at most ``wait_timeout_s``; then :class:`~adaptive.errors.CacheTimeout` names the
+        models still running requests, and their sessions are released when they finish)."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        with self._planner(closing=True):
-            with self._lock:
-                if self._closed:
-                    return
-                self._closed = True
-                self._cond.notify_all()
-            for st in self._models.values():
-                self._retire_current(st)
-            with self._lock:
-                while self._charged > 0:
-                    self._cond.wait()
-                self._host.clear()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._rules.close()
+        for st in self._models.values():
+            self._retire_current(st)
+        with self._lock:
+            self._host.clear()
+        self._wait_charged(0, "closing the cache")
 
     def __enter__(self) -> VariantCache:
         return self.start()
@@ -690,7 +623,7 @@ class VariantCache:
 
     def __repr__(self) -> str:
         return (f"VariantCache({self.store.root}, models={len(self._models)}, "
-                f"device={self.device!r}, budget={self._budget})")
+                f"device={self.device!r}, policy={self.policy!r}, budget={self._budget})")
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -701,476 +634,199 @@ class VariantCache:
                                     f"{', '.join(sorted(self._models))}")
         return st
 
-    def _acquire_cold(self, st: _Model) -> _Entry:
-        """Wait for (or make) a load of ``st``; return its entry with a request checked in."""
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise AdaptiveError("the VariantCache is closed")
-                entry = st.current
-                if entry is not None:
-                    entry.inflight += 1
-                    return entry
-                p = st.pending
-                if p is not None:  # someone else's load: wait for it or for residency
-                    while st.current is None and not p.done and not self._closed:
-                        self._cond.wait()
-                    if st.current is None and p.done and p.error is not None:
-                        raise p.error
-                    continue
-                p = st.pending = _Pending()
-                if not self._acquire_planner(st):  # became resident meanwhile
-                    self._finish_pending(st, p, None)
-                    continue
-                self._lock.release()
-                err: BaseException | None = None
-                try:
-                    self._admit(st)
-                except BaseException as e:
-                    err = e
-                finally:
-                    self._lock.acquire()
-                    self._planning = False
-                    self._finish_pending(st, p, err)
-                if err is not None:
-                    raise err
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AdaptiveError("the VariantCache is closed")
 
-    def _finish_pending(self, st: _Model, p: _Pending, err: BaseException | None) -> None:
-        p.done = True
-        p.error = err
-        if st.pending is p:
-            st.pending = None
-        self._cond.notify_all()
+    def _hit(self, st: _Model, now: float) -> tuple[str, float]:
+        """Lock held: how a request finding ``st`` resident at ``now`` counts: a hit, unless
+        the load that made it resident ended after ``now`` on the clock (see
+        :attr:`InferResult.queued_s`)."""
+        if now < st.ready_at:
+            return st.ready_kind, st.ready_at - now
+        return "hits", 0.0
 
-    def _leave(self, entry: _Entry, st: _Model, cold: bool | None) -> None:
+    def _count_request(self, st: _Model) -> None:
+        """Lock held: a request arrived for ``st``."""
+        if self._closed:
+            raise AdaptiveError("the VariantCache is closed")
+        self._counts["requests"] += 1
+        st.requests += 1
+
+    def _leave(self, entry: _Entry, st: _Model, kind: str | None) -> None:
         """Check a request out of ``entry``; release the entry if it was its last user."""
         with self._lock:
             entry.inflight -= 1
-            if cold is None:
+            if kind is None:
                 self._counts["failures"] += 1
             else:
-                self._counts["misses" if cold else "hits"] += 1
-                if not cold:
+                self._counts[kind] += 1
+                if kind == "hits":
                     st.hits += 1
                 st.served += 1
                 st.acc_sum += entry.cand.accuracy
             release = entry.retired and entry.inflight == 0 and not entry.releasing
             if release:
                 entry.releasing = True
-            if self._audit is not None:
-                self._audit(self._charged, self._budget)
+            self._notify_audit()
         if release:
             self._release(entry)
 
-    # -- planner -------------------------------------------------------------------------------
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.wait_timeout_s
 
-    def _acquire_planner(self, st: _Model | None = None) -> bool:
-        """Become the planner (lock held). With ``st``, give up (False) once it is resident."""
-        while self._planning:
-            if st is not None and (st.current is not None or self._closed):
-                return False
-            self._cond.wait()
-        if st is not None and (st.current is not None or self._closed):
-            return False
-        self._planning = True
-        return True
+    def _wait(self, deadline: float, what: str) -> None:
+        """Lock held: wait for a change, or raise :class:`CacheTimeout` saying ``what``."""
+        left = deadline - time.monotonic()
+        if left <= 0 or not self._cond.wait(left) and time.monotonic() >= deadline:
+            raise CacheTimeout(f"{what}: gave up after {self.config.wait_timeout_s:g} s "
+                               f"(wait_timeout_s); {self._busy()}")
 
-    @contextmanager
-    def _planner(self, *, closing: bool = False) -> Iterator[None]:
+    def _busy(self) -> str:
+        """Lock held: what is holding memory or requests, for a timeout's message."""
+        running = sorted({f"{e.model} ({e.cand.variant}, {e.inflight} running)"
+                          for e in self._entries() if e.inflight})
+        return ("requests still running on " + ", ".join(running) if running
+                else f"{self._loading} loads in progress")
+
+    def _entries(self) -> list[_Entry]:
+        """Lock held: every entry holding a session, resident or retired."""
+        return [st.current for st in self._models.values() if st.current is not None] + \
+            list(self._retired)
+
+    def _wait_charged(self, value: int, what: str) -> None:
+        """Wait until at most ``value`` bytes are charged (dropping host-tier entries first)."""
+        deadline = self._deadline()
         with self._lock:
-            if self._closed and not closing:
-                raise AdaptiveError("the VariantCache is closed")
-            self._acquire_planner()
-            if self._closed and not closing:
-                self._planning = False
-                self._cond.notify_all()
-                raise AdaptiveError("the VariantCache is closed")
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._planning = False
-                self._cond.notify_all()
+            while self._ledger.charged > value:
+                if self._host_holds:
+                    self._host.popitem()
+                    continue
+                self._wait(deadline, f"{what}: {self._ledger.charged} bytes still charged, "
+                                     f"over {value}")
 
-    def _snapshot(self) -> tuple[list[int], list[int], int]:
-        """Lock held: the residency as the decisions see it: resident candidate per model
-        (-1: none), resident models in the order they became resident, their bytes (shared
-        groups once)."""
-        res = [-1] * len(self._names)
-        order = []
-        for st in self._models.values():
-            e = st.current
-            if e is not None:
-                res[st.index] = st.index_of[e.cand.variant]
-                order.append((st.since, st.index))
-        order.sort()
-        return res, [m for _, m in order], self._bytes_of(res)
+    # -- memory --------------------------------------------------------------------------------
 
-    def _lad(self, res: Sequence[int], pinned: _Model | None = None) -> Ladders:
-        """The ladders to decide with. Without shared groups the static ones; with them,
-        each candidate costs its private bytes plus the groups no *other* resident holds
-        (and, for the others, none of the groups ``pinned``, a model being admitted, could
-        use: a downgrade that drops them frees nothing, since ``pinned`` needs them back)."""
-        if not self._groups:
-            return self._ladders
-        models = list(self._models.values())
-        holders: dict[str, int] = {}
-        for st in models:
-            if res[st.index] >= 0:
-                for g in st.needs[res[st.index]]:
-                    holders[g] = holders.get(g, 0) + 1
-        keep = frozenset().union(*pinned.needs) if pinned is not None else frozenset()
-        groups = self._groups
-        demands = []
-        for st in models:
-            own = st.needs[res[st.index]] if res[st.index] >= 0 else frozenset()
-            held = {g for g, n in holders.items() if n - (g in own) > 0}
-            if st is not pinned:
-                held |= keep
-            cands = [c if not need else Candidate(
-                c.variant, st.private[k] + sum(groups[g] for g in need - held), c.accuracy,
-                c.latency_s, c.load_s) for k, (c, need) in enumerate(zip(st.cands, st.needs))]
-            demands.append(st.demand(0.0, cands))
-        return Ladders(demands)
+    def plan_limit(self) -> int:
+        """Lock held: the bytes decisions may plan with (the limit less one load's peak)."""
+        return max(0, self._ledger.limit - self._headroom)
 
-    def _bytes_of(self, choice: Sequence[int]) -> int:
-        """What a residency (candidate per model, -1: none) holds, each group once."""
-        total, used = 0, set()
-        for st in self._models.values():
-            k = choice[st.index]
-            if k >= 0:
-                total += st.private[k]
-                used |= st.needs[k]
-        return total + sum(self._groups[g] for g in used)
-
-    def _shared_moves(self, choice: Sequence[int], res: Sequence[int],
-                      resident: Sequence[int], limit: int, key: Sequence[float]) -> list[Move]:
-        """The moves to the shared plan ``choice``: planned residents go to their choice and
-        (with ``prefetch``) planned others are loaded; residents the plan leaves out stay
-        while everything fits, else shrink to their smallest rung, then the coldest leave;
-        prefetches that still do not fit are dropped, coldest first."""
-        final = list(res)
-        for m, k in enumerate(choice):
-            if k >= 0 and (res[m] >= 0 or self.prefetch):
-                final[m] = k
-        out = sorted((m for m in resident if choice[m] < 0), key=key.__getitem__)
-        for m in out:
-            if self._bytes_of(final) <= limit:
-                break
-            final[m] = self._ladders.ladder[m][0]
-        for m in out:
-            if self._bytes_of(final) <= limit:
-                break
-            final[m] = -1
-        fetched = sorted((m for m in range(len(final)) if res[m] < 0 <= final[m]),
-                         key=key.__getitem__)
-        for m in fetched:
-            if self._bytes_of(final) <= limit:
-                break
-            final[m] = -1
-        return [Move(m, k) for m, k in enumerate(final) if k != res[m]]
-
-    def _moves(self, moves: list[Move]) -> list[tuple[_Model, Candidate | None]]:
-        models = self._models
-        out = []
-        for mv in moves:
-            st = models[self._names[mv.model]]
-            out.append((st, st.cands[mv.variant] if mv.variant >= 0 else None))
-        return out
-
-    def _admit(self, st: _Model) -> None:
-        """Planner held: load ``st`` at the variant :func:`adaptive.admission.admit` picks,
-        making the room it says (downgrades before evictions)."""
-        with self._lock:
-            if st.current is not None:
-                return
-            now = self._clock()
-            rate = max(self._rates.rate(st.index, now), 1e-12)
-            key = list(self._rates.key)
-            limit = self._limit
-            res, resident, held = self._snapshot()
-            lad = self._lad(res, pinned=st)
-            target = lad.rung_of(st.index, self._targets[st.index])
-        check_feasible([st.demand(rate)], limit, [st.name])  # InfeasibleBudget
-        moves, k = admit(lad, st.index, res, resident, limit - held, key, target)
-        todo = self._moves(moves)
-        todo.append((st, st.cands[k]))
-        log.debug("cold load of %r as %r (moves: %s)", st.name, st.cands[k].variant,
-                  [(o.name, c.variant if c else None) for o, c in todo[:-1]])
-        self._execute(todo, admitted=st)
-
-    def _rebalance(self, force: bool) -> bool:
-        with self._lock:
-            now = self._clock()
-            rates = self._rates.rates(now)
-            key = list(self._rates.key)
-            limit = self._limit
-            res, resident, held = self._snapshot()
-            lad = self._lad(res)
-            if self._timer is not None:
-                self._timer.planned(now, rates)
-        shared = None
-        if self._groups:
-            shared = ([st.demand(0.0, st.shared) for st in self._models.values()], self._groups)
-        choice = plan_choice(lad, rates, res, resident, limit, objective=self.objective,
-                             shared=shared)
-        if choice is None:
-            return False
-        with self._lock:
-            self._targets = choice
-        if shared is None:
-            moves = apply_targets(lad, [lad.rung_of(m, k) for m, k in enumerate(choice)], res,
-                                  resident, limit - held, rates, key, prefetch=self.prefetch)
-        else:
-            moves = self._shared_moves(choice, res, resident, limit, key)
-        if not moves:
-            return False
-        if not force and held <= limit and not worth_applying(
-                lad, res, resident, moves, rates, hysteresis=self.hysteresis,
-                objective=self.objective):
-            log.debug("re-plan skipped: gains less than the hysteresis %g", self.hysteresis)
-            return False
-        todo = self._moves(moves)
-        log.info("re-plan at budget %d: %s", limit, ", ".join(
-            f"{o.name}: {o.cands[res[o.index]].variant if res[o.index] >= 0 else None} -> "
-            f"{c.variant if c else None}" for o, c in todo))
-        self._execute(todo, admitted=None)
-        with self._lock:
-            self._counts["rebalances"] += 1
-        return True
-
-    def _apply_budget(self, value: int) -> None:
-        """Planner held: make ``value`` the budget; on a drop, shed and wait for the drain."""
-        with self._lock:
-            old = self._budget
-            self._limit = value
-            if value >= old or self._charged <= value:
-                self._budget = value
-                self._notify_audit()
-            key = list(self._rates.key)
-            res, resident, held = self._snapshot()
-            lad = self._lad(res)
-        log.debug("budget %d -> %d bytes", old, value)
-        try:
-            if held > value and self._groups:
-                # Freeing a shared group takes every holder stepping down together, which
-                # one-model-at-a-time shedding cannot see: follow the shared plan first.
-                self._rebalance(force=True)
-                with self._lock:
-                    res, resident, held = self._snapshot()
-                    lad = self._lad(res)
-            if held > value:
-                self._execute(self._moves(shed(lad, res, resident, value - held, key)),
-                              admitted=None)
-            # Hysteresis damps re-plans on drifting request rates; a budget the operator
-            # raised is an event, so upgrades it allows happen now, however small the gain.
-            self._rebalance(force=value > old)
-        except Exception:  # noqa: BLE001 - shed below anyway: the budget must hold
-            log.exception("re-plan after the budget change to %d bytes failed", value)
-        with self._lock:
-            over = [(st, st.current.cand.memory_bytes) for st in self._models.values()
-                    if st.current is not None]
-            held = self._snapshot()[2]
-        if held > value:  # only if shedding failed: evict the largest until it fits
-            for st, _ in sorted(over, key=lambda x: -x[1]):
-                with self._lock:
-                    held = self._snapshot()[2]
-                if held <= value:
-                    break
-                if self._retire_current(st):
-                    with self._lock:
-                        self._counts["evictions"] += 1
-        with self._lock:
-            while self._charged > value:
-                self._cond.wait()
-            self._budget = value
-            self._notify_audit()
-
-    # -- transitions (planner held, lock not held) ----------------------------------------------
-
-    def _execute(self, moves: list[tuple[_Model, Candidate | None]],
-                 admitted: _Model | None) -> None:
-        """Evictions, then downgrades (make-before-break where they fit beside the old
-        variant), then upgrades and loads, hottest first. Errors loading ``admitted`` are
-        raised; others are logged and leave that model smaller or not resident."""
-        with self._lock:
-            rates = self._rates.rates(self._clock())
-            cur = {st.name: (st.current.cand if st.current else None) for st, _ in moves}
-        evicts, downs, ups = [], [], []
-        for st, c in moves:
-            old = cur[st.name]
-            if c is None:
-                evicts.append(st)
-            elif old is not None and (c.memory_bytes, c.accuracy) < (old.memory_bytes,
-                                                                      old.accuracy):
-                downs.append((st, c))
-            else:
-                ups.append((st, c))
-        for st in evicts:
-            if self._retire_current(st):
-                with self._lock:
-                    self._counts["evictions"] += 1
-        waiting = []
-        for st, c in sorted(downs, key=lambda x: x[1].memory_bytes - cur[x[0].name].memory_bytes):
-            if self._reserve(st, c):
-                self._swap_in(st, c, "downgrades")
-            else:  # break-before-make: requests for it wait for the smaller variant
-                self._retire_current(st)
-                waiting.append((st, c))
-        for st, c in waiting:
-            self._load_into(st, c, "downgrades", raise_errors=False)
-        ups.sort(key=lambda x: (x[0] is not admitted, -rates[x[0].index], x[0].name))
-        # With shared groups what a load needs depends on what the others hold by then
-        # (another model's upgrade may bring the group this one needs), so a load that
-        # does not fit yet waits for the rest; one pass suffices without groups.
-        while ups:
-            later = []
-            for st, c in ups:
-                if self._fits(st, c):
-                    self._load_up(st, c, cur[st.name], admitted)
-                else:
-                    later.append((st, c))
-            if len(later) == len(ups):
-                break
-            ups = later
-        for st, c in ups:  # as planned: the reservation says whether it fits after all
-            self._load_up(st, c, cur[st.name], admitted)
-
-    def _fits(self, st: _Model, cand: Candidate) -> bool:
-        """Whether ``cand`` fits now, counting ``st``'s current variant as gone."""
-        with self._lock:
-            e = st.current
-            need, needs = self._need(st, cand)
-            if e is None:
-                return self._charged + need <= self._limit
-            freed = e.charge + sum(self._groups[g] for g in e.groups
-                                   if self._group_all[g] == 1 and g not in needs)
-            return self._charged - freed + need <= self._limit
-
-    def _load_up(self, st: _Model, c: Candidate, old: Candidate | None,
-                 admitted: _Model | None) -> None:
-        """An upgrade (make-before-break when it fits beside the old variant) or a load."""
-        kind = "upgrades" if old is not None else (
-            "cold_loads" if st is admitted else "prefetches")
-        if old is not None and not self._reserve(st, c):
-            self._retire_current(st)
-            self._load_into(st, c, kind, raise_errors=False)
-        elif old is not None:
-            self._swap_in(st, c, kind, raise_errors=False)
-        else:
-            self._load_into(st, c, kind, raise_errors=st is admitted)
-
-    def _need(self, st: _Model, cand: Candidate) -> tuple[int, frozenset[str]]:
-        """Lock held: the bytes loading ``cand`` adds now (its private bytes and the groups
-        nobody holds) and the groups it needs."""
+    def _reserve(self, st: _Model, cand: Candidate, *, wait: bool = True,
+                 deadline: float | None = None) -> Hold | None:
+        """Charge a load of ``cand`` (at its load peak) if it fits under the limit, dropping
+        host-tier entries first. Waits (until ``deadline``) while draining sessions or loads
+        in progress would make it fit; None when nothing would (or ``wait`` is False and it
+        does not fit now)."""
         k = st.index_of[cand.variant]
+        private = st.private[k] + (st.excess[k] if self.config.charge_load_peak else 0)
         needs = st.needs[k]
-        return st.private[k] + sum(self._groups[g] for g in needs
-                                   if not self._group_all[g]), needs
-
-    def _freeable(self) -> int:
-        """Lock held: bytes that come back once every retired session has drained."""
-        return self._draining + sum(b for g, b in self._groups.items()
-                                    if self._group_all[g] and not self._group_live[g])
-
-    def _reserve(self, st: _Model, cand: Candidate) -> bool:
-        """Charge what loading ``cand`` adds if it fits under the limit. Waits for draining
-        sessions only when their bytes would make it fit (a request on a retired session
-        delays the planner, never fails)."""
+        deadline = self._deadline() if deadline is None else deadline
+        led = self._ledger
         with self._lock:
             while True:
-                need, needs = self._need(st, cand)
-                if self._charged + need <= self._limit:
-                    break
-                freeable = self._freeable()
-                if not (freeable > 0 and self._charged - freeable + need <= self._limit):
-                    return False
-                self._cond.wait()
-            self._charged += need
-            for g in needs:
-                self._group_all[g] += 1
-                self._group_live[g] += 1
-            self._notify_audit()
-            return True
+                hold = led.reserve(private, needs, f"{st.name}:{cand.variant}")
+                if hold is not None:
+                    self._loading += 1
+                    self._notify_audit()
+                    return hold
+                if self._host_holds:
+                    self._host.popitem()
+                    continue
+                if not wait or not (led.freeable() > 0 or self._loading > 0):
+                    return None
+                self._wait(deadline, f"loading {cand.variant!r} for {st.name!r}: "
+                                     f"{led.cost(private, needs)} bytes do not fit under "
+                                     f"{led.limit} with {led.charged} charged")
 
-    def _unhold(self, charge: int, groups: frozenset[str], live: bool) -> None:
-        """Lock held: give back a session's (or reservation's) private bytes and its hold on
-        its groups; a group nobody holds any more is uncharged."""
-        self._charged -= charge
-        for g in groups:
-            self._group_all[g] -= 1
-            if live:
-                self._group_live[g] -= 1
-            if not self._group_all[g]:
-                self._charged -= self._groups[g]
+    def _loaded(self, st: _Model, cand: Candidate, hold: Hold) -> None:
+        """Lock held: a load finished; its charge settles from the load peak to steady."""
+        self._loading -= 1
+        self._ledger.resize(hold, st.private[st.index_of[cand.variant]])
         self._notify_audit()
         self._cond.notify_all()
 
-    def _load_into(self, st: _Model, cand: Candidate, kind: str, *, raise_errors: bool) -> None:
-        if not self._reserve(st, cand):
-            msg = (f"cannot load {cand.variant!r} for {st.name!r}: {cand.memory_bytes} bytes do "
-                   f"not fit under the budget of {self._limit} bytes with what is resident")
-            if raise_errors:
-                raise AdaptiveError(msg)
-            log.error("%s; leaving it not resident", msg)  # a planning bug, not the caller's
-            return
-        self._swap_in(st, cand, kind, raise_errors=raise_errors)
+    def _unreserve(self, hold: Hold, *, loading: bool = True) -> None:
+        """Lock held: give back a reservation whose load failed or was abandoned."""
+        if loading:
+            self._loading -= 1
+        self._ledger.release(hold)
+        self._notify_audit()
+        self._cond.notify_all()
 
-    def _swap_in(self, st: _Model, cand: Candidate, kind: str, *,
-                 raise_errors: bool = False) -> None:
-        """Load ``cand`` (its bytes already reserved), make it current, retire the old one."""
-        k = st.index_of[cand.variant]
-        try:
-            session = self._open(cand)
-        except Exception as e:
-            with self._lock:
-                self._unhold(st.private[k], st.needs[k], live=True)
-            if raise_errors:
-                raise
-            log.warning("loading %r for %r failed: %s", cand.variant, st.name, e)
-            return
-        entry = _Entry(st.name, cand, session, st.private[k], st.needs[k])
-        with self._lock:
-            old = st.current
-            if kind in ("cold_loads", "prefetches"):  # newly resident (a swap keeps its place)
-                self._since += 1
-                st.since = self._since
-            st.current = entry
-            self._counts[kind] += 1
-            release = self._retire(old) if old is not None else None
-            self._cond.notify_all()
-        if release is not None:
-            self._release(release)
+    def _notify_audit(self) -> None:
+        if self._audit is not None:
+            self._audit(self._ledger.charged, self._budget)
+
+    # -- sessions ------------------------------------------------------------------------------
 
     def _open(self, cand: Candidate) -> Any:
+        """Open a session of ``cand`` (from the host tier when it holds it)."""
+        from variants.backends import host_form
+
         manifest = self._manifests[cand.variant]
         source = None
-        if self._keep_host:
+        if self.config.keep_host_bytes:
             with self._lock:
                 source = self._host.get(cand.variant)
-                if source is not None:
-                    self._host.move_to_end(cand.variant)
             if source is None:
-                source = Path(manifest.onnx_path).read_bytes()
-                with self._lock:
+                source = host_form(manifest, self.backend, self.device)
+                if source is not None:
                     self._keep_in_host(cand.variant, source)
         t0 = time.perf_counter()
         session = self._loader(manifest, self.device, self.backend, source)
         log.debug("loaded %r in %.1f ms", cand.variant, 1e3 * (time.perf_counter() - t0))
         return session
 
-    def _keep_in_host(self, variant: str, data: bytes) -> None:
-        """Lock held: add to the host tier, dropping the least recently loaded to stay
-        within ``host_budget``."""
-        cap = self._host_budget
-        if cap is not None and len(data) > cap:
-            return
-        self._host[variant] = data
-        if cap is not None:
-            held = sum(len(b) for b in self._host.values())
-            while held > cap:
-                _, dropped = self._host.popitem(last=False)
-                held -= len(dropped)
+    def _host_size(self, form: Any) -> int:
+        from variants.backends import host_nbytes
+
+        return host_nbytes(form)
+
+    def _keep_in_host(self, variant: str, form: Any) -> None:
+        """Add to the host tier: within its own ``host_budget``, or charged to the budget
+        when it fits there now (a host entry never makes a load wait)."""
+        with self._lock:
+            if variant in self._host:
+                return
+            if self._host_shares_budget:
+                hold = self._ledger.reserve(self._host_size(form), (), f"host:{variant}")
+                if hold is None:
+                    return
+                self._host_holds[variant] = hold
+                self._notify_audit()
+            self._host[variant] = form
+
+    def _host_evicted(self, variant: str, form: Any) -> None:
+        """Lock held (HostTier callback): an entry left the tier; uncharge it."""
+        hold = self._host_holds.pop(variant, None)
+        if hold is not None:
+            self._ledger.release(hold)
+            self._notify_audit()
+            self._cond.notify_all()
+
+    def started(self) -> tuple[float, float]:
+        """When a load starts: (the cache's clock, the wall clock); see :meth:`_install`."""
+        return self._clock(), time.perf_counter()
+
+    def _install(self, st: _Model, cand: Candidate, session: Any, hold: Hold,
+                 kind: str, started: tuple[float, float] | None = None) -> _Entry | None:
+        """Lock held: make a loaded session current; return the old entry if the caller must
+        release it now. A load that requests waited for (nothing was serving) records when it
+        ended on the cache's clock: its start there plus the wall time it took."""
+        entry = _Entry(st.name, cand, session, hold)
+        old = st.current
+        if old is None and started is not None:
+            st.ready_at = started[0] + (time.perf_counter() - started[1])
+            st.ready_kind = "stalls" if st.stalling else "misses"
+        if kind in ("cold_loads", "prefetches"):  # newly resident (a swap keeps its place)
+            self._since += 1
+            st.since = self._since
+        st.current = entry
+        st.stalling = False
+        self._counts[kind] += 1
+        release = self._retire(old) if old is not None else None
+        self._cond.notify_all()
+        return release
 
     def _retire_current(self, st: _Model) -> bool:
         with self._lock:
@@ -1189,9 +845,8 @@ class VariantCache:
         st = self._models[entry.model]
         if st.current is entry:
             st.current = None
-        self._draining += entry.charge
-        for g in entry.groups:
-            self._group_live[g] -= 1
+        self._ledger.retire(entry.hold)
+        self._retired.add(entry)
         if entry.inflight == 0 and not entry.releasing:
             entry.releasing = True
             return entry
@@ -1208,18 +863,17 @@ class VariantCache:
             log.warning("closing %r failed: %s", entry.cand.variant, e)
         del session
         with self._lock:
-            self._draining -= entry.charge
-            self._unhold(entry.charge, entry.groups, live=False)
-
-    def _notify_audit(self) -> None:
-        if self._audit is not None:
-            self._audit(self._charged, self._budget)
+            self._retired.discard(entry)
+            self._ledger.release(entry.hold)
+            self._notify_audit()
+            self._cond.notify_all()
+        _trim_allocator(self.device)
 
     # -- background thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = self.rebalance_interval_s
-        poll = min(self.budget_poll_s, interval) if interval else self.budget_poll_s
+        interval = self.config.rebalance_interval_s if self.config.replans else None
+        poll = min(self.config.budget_poll_s, interval) if interval else self.config.budget_poll_s
         next_plan = time.monotonic() + interval if interval else math.inf
         while not self._stop.wait(poll):
             try:
@@ -1229,11 +883,23 @@ class VariantCache:
                         self.rebalance()
                     next_plan = time.monotonic() + interval
             except Exception:  # noqa: BLE001 - the thread must outlive a bad re-plan
+                if self._closed:
+                    return
                 log.exception("background re-plan failed")
 
 
+def _trim_allocator(device: str) -> None:
+    """Hand freed heap pages back to the OS after a session is released (glibc's
+    ``malloc_trim``; a no-op elsewhere)."""
+    if device != "cpu":
+        return
+    from profiler.memory import malloc_trim
+
+    malloc_trim()
+
+
 def _batch_size(inputs: Any) -> int | None:
-    """The leading dimension of the first input, when it has a shape."""
+    """The leading dimension of the first input (an array, or a nested list)."""
     if isinstance(inputs, Mapping):
         first = next(iter(inputs.values()), None)
     elif isinstance(inputs, (list, tuple)):
@@ -1241,9 +907,11 @@ def _batch_size(inputs: Any) -> int | None:
     else:
         first = inputs
     shape = getattr(first, "shape", None)
-    if shape is None or len(shape) == 0:
-        return None
-    return int(shape[0])
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    if isinstance(first, (list, tuple)):
+        return len(first)
+    return None
 
 
 def _checked_groups(candidates: Mapping[str, Sequence[Candidate]],

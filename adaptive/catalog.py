@@ -89,8 +89,9 @@ def _candidate(p: Any, q: float | None, batch: int) -> Candidate | None:
         return None
     lat = min(ok, key=lambda b: b.batch)
     per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
+    peaks = [b.load_peak_bytes for b in ok if b.load_peak_bytes is not None]
     return Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
-                     float(p.load_cold_s or 0.0))
+                     float(p.load_cold_s or 0.0), load_peak_bytes=int(max(peaks, default=0)))
 
 
 def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
@@ -182,7 +183,8 @@ def demands_from_json(path) -> list[ModelDemand]:
     return out
 
 
-def share_candidates(store, candidates: Mapping[str, Sequence[Candidate]]
+def share_candidates(store, candidates: Mapping[str, Sequence[Candidate]], *,
+                     backend: str = "torch", device: str = "cpu"
                      ) -> tuple[dict[str, list[Candidate]], dict[str, int]]:
     """``candidates`` (model -> candidates naming stored variants) as
     :class:`~adaptive.sharing.SharedCandidate` objects and the groups' bytes, for hosting
@@ -193,7 +195,10 @@ def share_candidates(store, candidates: Mapping[str, Sequence[Candidate]]
     (:func:`variants.shared.sharing_groups` over the variants' safetensors); the rest of a
     candidate's profiled memory is private. A model listed twice (aliases of one stored
     base) shares all of its tensors with itself. Variants without torch weights (ONNX-only
-    int8) are an AdaptiveError: the torch backend cannot load them.
+    int8) are an AdaptiveError with the torch backend, which cannot load them. With
+    ``backend="onnxruntime"`` the groups are over the tensors of the graphs optimised for
+    ``device`` (:func:`variants.ort_forms.ort_tensor_index`), which are what its pooled
+    sessions share (ONNX-only variants included).
     """
     from adaptive.sharing import SharedCandidate
     from variants.shared import sharing_groups, tensor_index
@@ -201,6 +206,11 @@ def share_candidates(store, candidates: Mapping[str, Sequence[Candidate]]
     indices = {}
     for model, cands in candidates.items():
         for c in cands:
+            if backend == "onnxruntime":
+                from variants.ort_forms import ort_tensor_index
+
+                indices[f"{model}/{c.variant}"] = ort_tensor_index(store.get(c.variant), device)
+                continue
             path = store.get(c.variant).weights_path
             if path is None:
                 raise AdaptiveError(f"model {model!r}: {c.variant!r} has no torch weights (an "

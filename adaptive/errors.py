@@ -28,3 +28,11 @@ class InfeasibleBudget(AdaptiveError):
                    f"{smallest_variant!r} ({smallest_bytes} bytes), which does not fit the "
                    f"budget of {budget_bytes} bytes; raise the budget or lower the floor")
         super().__init__(msg)
+
+    def __reduce__(self):  # copy/pickle rebuild it from its fields, not from the message
+        return (type(self), (self.model, self.smallest_variant, self.smallest_bytes,
+                             self.budget_bytes, self.floor))
+
+
+class CacheTimeout(AdaptiveError, TimeoutError):
+    """A wait of the variant cache (for a load, a drain, memory) ran past its deadline."""

@@ -1,10 +1,9 @@
 """Replay a request trace for real through a :class:`~adaptive.cache.VariantCache` and set the
 result beside the simulator's, to validate the simulator.
 
-Both sides make the same decisions (:mod:`adaptive.admission`): the cache is configured like
-the simulator's ``memadapt`` policy (rate time constant, re-plan schedule, gain hysteresis, no
-prefetching) and its clock is the trace's timestamps, so rates and re-plans follow trace time
-while requests run back to back without sleeping. What differs is what the simulator can only
+Both sides make the same decisions: the cache runs the same registered policy
+(:mod:`adaptive.cache_policy` drives it on a mirror of the cache) and its clock is the trace's
+timestamps, so decisions follow trace time while requests run back to back without sleeping. What differs is what the simulator can only
 assume: how long loads, swaps and runs really take.
 
 * Every trace model is its own cache model (its own sessions and memory) backed by a stored
@@ -83,6 +82,9 @@ class ReplayReport:
     real_counts: Mapping[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
     errors: tuple[str, ...] = ()
+    policy: str = "memadapt"
+    #: what both sides planned with: the budget less the cache's headroom for a load's peak
+    plan_budget_bytes: int = 0
 
     def metric(self, name: str) -> ReplayMetric:
         for m in self.metrics:
@@ -106,24 +108,37 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
            backend: str = "onnxruntime", batch: int = 1, max_requests: int | None = None,
            threads: int | None = 1,
            candidates: Mapping[str, Sequence[Candidate]] | Sequence[ModelDemand] | None = None,
-           progress: Progress | None = None) -> ReplayReport:
-    """Run ``trace`` (its first ``max_requests`` requests) through a real VariantCache and
-    through :func:`adaptive.simulate` with the ``memadapt`` policy, on the same candidates and
-    ``budget`` (bytes or a size such as ``"64MiB"``); report both side by side.
+           policy: str = "memadapt", progress: Progress | None = None) -> ReplayReport:
+    """Run ``trace`` (its first ``max_requests`` requests) through a real VariantCache run by
+    ``policy`` and through :func:`adaptive.simulate` with the same policy, on the same
+    candidates and ``budget`` (bytes or a size such as ``"64MiB"``); report both side by side.
+
+    The cache's clock is the trace's timestamps and it makes the swaps a request causes on
+    the request's thread after its result (``swap_workers=0``), so both sides see the same
+    events in the same order; the simulator plans with what the cache plans with (the budget
+    less the headroom it keeps for one load's peak). A real request counts as a miss (or a
+    stall) when it waited for a load, or when, on the trace's clock, it arrived before the
+    load it needed had ended (:attr:`~adaptive.cache.InferResult.queued_s`, added to its
+    latency): the wait it would have had in real time.
 
     ``candidates`` (store model or trace model -> candidates naming stored variants, or
-    :class:`ModelDemand` families whose floors apply) default to the catalog's at ``batch``.
-    ``floors`` (trace model or store model -> accuracy floor) override them; a store model's
-    floor applies to every trace model it backs. ``threads`` is each session's intra-op
-    threads (profile with the same number for comparable latency).
+    :class:`ModelDemand` families whose floors and SLOs apply) default to the catalog's at
+    ``batch``. ``floors`` (trace model or store model -> accuracy floor) override them; a
+    store model's floor applies to every trace model it backs. ``threads`` is each session's
+    intra-op threads (profile with the same number for comparable latency).
     """
     from adaptive.cache import VariantCache
     from adaptive.catalog import map_population
-    from adaptive.policies import get_policy
+    from adaptive.policies import get_policy, list_policies, policy_class
     from adaptive.units import parse_size
     from variants import Store
 
     store = store if isinstance(store, Store) else Store(store)
+    if policy not in list_policies():
+        raise AdaptiveError(f"unknown policy {policy!r}; known: {', '.join(list_policies())}")
+    if policy_class(policy).offline:
+        raise AdaptiveError(f"policy {policy!r} is offline (it needs the future trace); a real "
+                            f"cache can replay only online policies")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise AdaptiveError(f"batch must be an int >= 1, got {batch!r}")
     budget_bytes = int(parse_size(budget)) if isinstance(budget, str) else budget
@@ -162,29 +177,35 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     # a family is a base model or a group (whose candidates have several bases)
     base_of = {d.model: family_of[d.model] for d in demands}
     acc_of = {(d.model, c.variant): c.accuracy for d in demands for c in d.candidates}
+    slo_of = {d.model: d.slo_s for d in demands}
 
-    policy = get_policy("memadapt-v1")
-    log.info("simulating %d requests over %d models", len(trace), len(demands))
-    sim = simulate(trace, demands, get_policy("memadapt-v1"), budget_bytes)
-
-    inputs = _inputs(store, demands, trace)
     now = [0.0]
+    settings: dict[str, Any] = {"policy": policy}
+    if policy == "memadapt-v1":  # the rules' knobs, as the simulator's policy sets them
+        v1 = get_policy("memadapt-v1")
+        settings.update(ewma_halflife_s=v1.tau_s * math.log(2.0), hysteresis=v1.gain,
+                        prefetch=v1.prefetch, schedule=v1.schedule, objective="misses")
     cache = VariantCache(
         store, device=device, backend=backend, budget=budget_bytes,
         floors={d.model: d.floor for d in demands},
+        slos={d.model: d.slo_s for d in demands if d.slo_s is not None},
         candidates={d.model: list(d.candidates) for d in demands}, aliases=base_of,
-        max_batch=batch, clock=lambda: now[0], threads=threads, objective="misses",
-        # the simulator's memadapt policy, decision for decision
-        ewma_halflife_s=policy.tau_s * math.log(2.0), hysteresis=policy.gain,
-        prefetch=policy.prefetch, schedule=policy.schedule, rebalance_interval_s=None)
+        max_batch=batch, clock=lambda: now[0], threads=threads, swap_workers=0,
+        rebalance_interval_s=None, **settings)
+    plan_budget = cache.plan_budget
+    log.info("simulating %d requests over %d models with %s", len(trace), len(demands), policy)
+    sim = simulate(trace, demands, get_policy(policy), plan_budget)
+
+    inputs = _inputs(store, demands, trace)
     names = trace.models
     ts = trace.timestamps.tolist()
     ms = trace.model.tolist()
     bs = trace.batch.tolist()
     n = len(ts)
     lat = np.full(n, np.nan)
-    cold = np.zeros(n, dtype=bool)
+    kind = np.zeros(n, dtype=np.int8)  # 0 hit, 1 miss, 2 stall
     acc = np.full(n, np.nan)
+    slo = np.full(n, np.nan)
     errors: list[str] = []
     failures = 0
     every = max(1, n // 100)
@@ -192,11 +213,10 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     try:
         for i in range(n):
             if progress is not None and i % every == 0:
-                progress("replaying", i, n)
+                progress(f"replaying ({policy})", i, n)
             name = names[ms[i]]
             x = inputs[name, bs[i]]
             now[0] = ts[i]
-            t0 = time.perf_counter()
             try:
                 r = cache.infer(name, x)
             except Exception as e:  # noqa: BLE001 - counted and reported, the replay goes on
@@ -204,11 +224,13 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
                 if len(errors) < 5:
                     errors.append(f"request #{i} ({name}): {type(e).__name__}: {e}")
                 continue
-            lat[i] = time.perf_counter() - t0
-            cold[i] = r.cold
+            lat[i] = r.latency_s + r.queued_s
+            kind[i] = 2 if r.stalled else 1 if r.cold else 0
             acc[i] = acc_of[name, r.variant]
+            if slo_of[name] is not None:
+                slo[i] = slo_of[name]
         if progress is not None:
-            progress("replaying", n, n)
+            progress(f"replaying ({policy})", n, n)
         stats = cache.stats()
     finally:
         cache.close()
@@ -216,28 +238,34 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
 
     ok = ~np.isnan(lat)
     served = int(ok.sum())
-    real_miss = float(cold[ok].mean()) if served else 0.0
-    real_mean = float(lat[ok].mean()) if served else 0.0
-    real_p99 = float(np.percentile(lat[ok], 99)) if served else 0.0
-    real_acc = float(acc[ok].mean()) if served else 0.0
+    waited = kind[ok] > 0
+    on_time = np.where(np.isnan(slo[ok]), ~waited, lat[ok] <= np.nan_to_num(slo[ok]) + 1e-12)
+
+    def share(x: np.ndarray) -> float:
+        return float(x.mean()) if served else 0.0
+
     ps = sim.policy_stats
     metrics = (
-        ReplayMetric("miss_rate", sim.miss_rate, real_miss),
-        ReplayMetric("mean_latency_s", sim.mean_latency_s, real_mean),
-        ReplayMetric("p99_latency_s", sim.p99_latency_s, real_p99),
-        ReplayMetric("mean_accuracy", sim.mean_accuracy, real_acc),
+        ReplayMetric("miss_rate", sim.miss_rate, share(kind[ok] == 1)),
+        ReplayMetric("stall_rate", sim.stall_rate, share(kind[ok] == 2)),
+        ReplayMetric("slo_attainment", sim.slo_attainment, float(on_time.sum()) / n),
+        ReplayMetric("mean_latency_s", sim.mean_latency_s, share(lat[ok])),
+        ReplayMetric("p99_latency_s", sim.p99_latency_s,
+                     float(np.percentile(lat[ok], 99)) if served else 0.0),
+        ReplayMetric("mean_accuracy", sim.mean_accuracy, share(acc[ok])),
         ReplayMetric("evictions", float(sim.evictions), float(stats.evictions)),
         ReplayMetric("downgrades", float(ps.get("downgrades", 0)), float(stats.downgrades)),
         ReplayMetric("upgrades", float(ps.get("upgrades", 0)), float(stats.upgrades)),
     )
     counts = {k: int(getattr(stats, k)) for k in (
-        "requests", "hits", "misses", "failures", "cold_loads", "prefetches", "downgrades",
-        "upgrades", "evictions", "rebalances")}
+        "requests", "hits", "misses", "stalls", "failures", "cold_loads", "prefetches",
+        "downgrades", "upgrades", "evictions", "rebalances")}
     return ReplayReport(
         requests=n, served=served, failures=failures, rejected=sim.rejected,
         budget_bytes=budget_bytes, batch=batch, device=device, backend=backend,
         models=dict(sorted(base_of.items())), metrics=metrics, simulated=sim,
-        real_counts=counts, wall_s=wall, errors=tuple(errors))
+        real_counts=counts, wall_s=wall, errors=tuple(errors), policy=policy,
+        plan_budget_bytes=plan_budget)
 
 
 def _head(trace: RequestTrace, n: int | None) -> RequestTrace:

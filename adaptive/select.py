@@ -74,6 +74,8 @@ class Candidate:
     accuracy: float
     latency_s: float = 0.0
     load_s: float = 0.0
+    #: the transient peak while it loads (0: unknown, taken as ``memory_bytes``)
+    load_peak_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.variant:
@@ -88,6 +90,10 @@ class Candidate:
         # arithmetic overflow silently.
         object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
         object.__setattr__(self, "accuracy", float(self.accuracy))
+        if int(self.load_peak_bytes) != self.load_peak_bytes or self.load_peak_bytes < 0:
+            raise ValueError(f"Candidate {self.variant!r}: load_peak_bytes must be a non-negative "
+                             f"integer, got {self.load_peak_bytes!r}")
+        object.__setattr__(self, "load_peak_bytes", int(self.load_peak_bytes))
         for name in ("latency_s", "load_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):

@@ -86,6 +86,24 @@ def pin_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
     return bool(mallopt(m_mmap_threshold, int(threshold)))
 
 
+_LIBC: list = []
+
+
+def malloc_trim() -> bool:
+    """Hand free heap memory back to the OS (glibc's ``malloc_trim(0)``): after a session is
+    released its pages would otherwise stay resident. False where there is no glibc."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    trim = _LIBC[0]
+    return bool(trim(0)) if trim is not None else False
+
+
 def _status_bytes(*keys: str) -> dict[str, int]:
     with open(_STATUS, encoding="ascii") as f:
         text = f.read()

@@ -6,7 +6,6 @@ server in a background thread of this process on a free port (tests, notebooks, 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -72,16 +71,10 @@ def per_model(values: Mapping[str, float], models: Any) -> dict[str, float]:
     return out if every is None else {**dict.fromkeys(models, every), **out}
 
 
-def _cache_takes_policy() -> bool:
-    from adaptive.cache import VariantCache
-
-    return "policy" in inspect.signature(VariantCache).parameters
-
-
 def build_cache(config: ServeConfig) -> Any:
     """The :class:`VariantCache` ``config`` describes (not started). A floor (or SLO) under
     the model name ``*`` applies to every model without its own."""
-    from adaptive.cache import VariantCache, catalog_candidates
+    from adaptive.cache import CacheConfig, VariantCache, catalog_candidates
     from variants.store import Store
 
     store = Store(config.store)
@@ -95,18 +88,15 @@ def build_cache(config: ServeConfig) -> Any:
     else:
         candidates = catalog_candidates(store, config.device, config.backend, config.max_batch)
     floors.update(per_model(config.floors, candidates))
-    kwargs: dict[str, Any] = {}
-    if _cache_takes_policy():
-        kwargs["policy"] = config.policy
-    elif config.policy != "memadapt":
-        raise AdaptiveError(f"policy {config.policy!r}: this VariantCache runs only the "
-                            f"memadapt policy")
-    return VariantCache(
-        store, device=config.device, backend=config.backend, budget=config.budget,
-        floors=floors, candidates=candidates, max_batch=config.max_batch,
+    slos = per_model(config.slos, candidates)
+    # a server owns its process: pin the allocator so resident memory follows the catalog
+    return VariantCache(store, CacheConfig(
+        device=config.device, backend=config.backend, budget=config.budget, floors=floors,
+        slos=slos, max_batch=config.max_batch, policy=config.policy,
         rebalance_interval_s=config.rebalance_s, threads=config.threads,
         keep_host_bytes=config.keep_host_bytes or config.host_budget is not None,
-        host_budget=config.host_budget, share_weights=config.share_weights, **kwargs)
+        host_budget=config.host_budget, share_weights=config.share_weights,
+        pin_allocator=True), candidates=candidates)
 
 
 def serve(config: ServeConfig) -> None:
