@@ -3,9 +3,11 @@
 ``python -m profiler._child REQUEST.json`` loads the variant in a fresh
 process, measures memory (baseline after imports, static after the session
 is built, peak while it runs), latency (warm-up + timed runs, the same runs
-the peak is taken over), cold load (file to first finished inference) and
-warm load (bytes already in memory to first finished inference), and writes a
-JSON result to the path named in the request. A fresh process per
+the peak is taken over), cold load (file to first finished inference, through the
+backend's load path: for onnxruntime the graph optimised once for this device, opened
+with optimisation off) and warm load (from the backend's host form, what a cache's host
+tier keeps, to first finished inference), and writes a JSON result to the path named in
+the request. A fresh process per
 measurement keeps variants (and batch sizes) from sharing allocator state.
 
 Everything the child imports is imported before the baseline is taken, so
@@ -65,7 +67,7 @@ def measure(req: dict[str, Any], result: dict[str, Any]) -> None:
 
     from profiler.latency import time_runs
     from profiler.memory import CudaMeter, PeakMeter
-    from variants.backends import open_onnx, open_session
+    from variants.backends import open_session
 
     threads = req.get("threads")
     result["threads"] = int(threads or default_threads())
@@ -117,33 +119,27 @@ def measure(req: dict[str, Any], result: dict[str, Any]) -> None:
     session.close()
     session = None  # the warm load must not share the first session's memory
     gc.collect()
-    t2, warm = _warm_load(req, inputs, threads, open_onnx)
+    t2, warm = _warm_load(req, inputs, threads)
     result["load_warm_s"] = warm - t2
     result["phase"] = "done"
     result["status"] = "ok"
 
 
-def _warm_load(req, inputs, threads, open_onnx) -> tuple[float, float]:
-    """Time a session built from bytes already in host memory, through its first run."""
-    if req["backend"] == "onnxruntime":
-        blob = Path(req["onnx"]).read_bytes()
-        t = time.perf_counter()
-        open_onnx(blob, device=req["device"], threads=threads, variant=req["name"]).run(inputs)
-        return t, time.perf_counter()
-    from safetensors.torch import load as load_safetensors
-
-    from variants.backends import TorchSession
-    from variants.families import get_family
+def _warm_load(req, inputs, threads) -> tuple[float, float]:
+    """Time a re-load from the backend's host form (what a cache's host tier keeps:
+    :func:`variants.backends.host_form`) through its first run."""
+    from variants.backends import get_backend, host_form
     from variants.store import Store
 
     manifest = Store(req["store"]).get(req["name"])
-    blob = manifest.weights_path.read_bytes()
+    form = host_form(manifest, req["backend"], req["device"])
     t = time.perf_counter()
-    module = get_family(manifest.family).rebuild(manifest.arch)
-    module.load_state_dict(load_safetensors(blob))
-    TorchSession(module.eval(), [i["name"] for i in manifest.inputs], device=req["device"],
-                 variant=req["name"]).run(inputs)
-    return t, time.perf_counter()
+    session = get_backend(req["backend"])(manifest, device=req["device"], threads=threads,
+                                          source=form)
+    session.run(inputs)
+    done = time.perf_counter()
+    session.close()
+    return t, done
 
 
 def main(argv: list[str]) -> int:

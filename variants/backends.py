@@ -1,7 +1,10 @@
 """Backends: turn a stored variant into a runnable session with one ``run(inputs)``.
 
 Registered by name (``list_backends()``): ``onnxruntime`` (CPU EP; CUDA EP on
-``cuda[:i]``) and ``torch`` (rebuilds the structure and loads safetensors).
+``cuda[:i]``; opens the variant's graph optimised once per device, :mod:`variants.ort_forms`)
+and ``torch`` (rebuilds the structure and loads safetensors). :func:`host_form` is what a
+host tier keeps for a re-load without the disk; :func:`supports_pool` says which backends
+share identical tensors through a :class:`variants.shared.TensorPool`.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +90,24 @@ class Session:
 
 
 class OnnxSession(Session):
-    """An onnxruntime InferenceSession with memadapt's uniform ``run``."""
+    """An onnxruntime InferenceSession with memadapt's uniform ``run``.
+
+    ``optimized``: ``source`` is a graph onnxruntime already optimised for this device
+    (:mod:`variants.ort_forms`), opened with graph optimisation off. ``initializers``: numpy
+    arrays by tensor name that the session computes on in place (``add_initializer``; they
+    are kept alive with the session), with ``folder`` the optimised graph's folder (ORT checks
+    that the external tensors it is not asked to read exist there). ``release`` runs on
+    :meth:`close` (gives pooled arrays back).
+    """
+
+    #: with a tensor pool: bytes fetched when loaded (the rest was pooled)
+    read_bytes: int | None = None
 
     def __init__(self, source: str | Path | bytes, device: str = "cpu",
-                 threads: int | None = None, variant: str | None = None):
+                 threads: int | None = None, variant: str | None = None, *,
+                 optimized: bool = False, initializers: Mapping[str, Any] | None = None,
+                 folder: str | Path | None = None, prepack: bool = True,
+                 release: Callable[[], Any] | None = None):
         import onnxruntime as ort
 
         kind, idx = parse_device(device)
@@ -100,6 +118,21 @@ class OnnxSession(Session):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        if optimized:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        self._keep: tuple[Any, ...] = ()
+        if initializers:
+            if folder is not None:
+                opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(folder))
+            values = []
+            for name, arr in initializers.items():
+                v = ort.OrtValue.ortvalue_from_numpy(arr)
+                opts.add_initializer(name, v)
+                values.append(v)
+            self._keep = (dict(initializers), values)
         if kind == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError(f"device {device!r} asked for, but this onnxruntime has no "
@@ -113,6 +146,8 @@ class OnnxSession(Session):
             self._sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own opaque types
             where = "bytes" if isinstance(source, bytes) else str(source)
+            if release is not None:
+                release()
             raise BackendError(f"onnxruntime cannot load {where}: {e}") from None
         if kind == "cuda" and "CUDAExecutionProvider" not in self._sess.get_providers():
             raise BackendError(f"onnxruntime could not start the CUDA EP on {device!r} "
@@ -122,6 +157,7 @@ class OnnxSession(Session):
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.device = device
         self.variant = variant
+        self._release = release
 
     def run(self, inputs: Any) -> np.ndarray:
         feed = {}
@@ -134,6 +170,13 @@ class OnnxSession(Session):
     def providers(self) -> list[str]:
         return self._sess.get_providers()
 
+    def close(self) -> None:
+        self._sess = None
+        self._keep = ()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
 
 def _np_dtype(ort_type: str):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
@@ -143,19 +186,48 @@ def _np_dtype(ort_type: str):
 
 def open_onnx(source: str | Path | bytes, device: str = "cpu", threads: int | None = None,
               variant: str | None = None) -> OnnxSession:
-    """A session straight from an ONNX file or its bytes."""
+    """A session straight from an ONNX file or its bytes (graph optimised on every open)."""
     return OnnxSession(source, device=device, threads=threads, variant=variant)
+
+
+#: Whether pooled onnxruntime sessions pre-pack their weights. Pre-packing gives each session
+#: a private re-laid-out copy of every MatMul weight beside the shared original, so sharing
+#: would save nothing on transformers; the pooled sessions compute on the shared arrays.
+POOLED_PREPACK = False
 
 
 @register_backend("onnxruntime")
 def _onnxruntime(manifest, device: str = "cpu", threads: int | None = None,
-                 source: bytes | None = None) -> Session:
+                 source: Any = None, pool: Any = None) -> Session:
+    """Open the variant's graph optimised for ``device`` (made once and kept in the store,
+    :func:`variants.ort_forms.optimized_graph`) with graph optimisation off. ``source``: an
+    :class:`~variants.ort_forms.OrtHostForm` (:func:`host_form`; the session computes on its
+    arrays, no file is read) or, as before, ONNX bytes or a path (optimised on every open).
+    ``pool``: a :class:`variants.shared.TensorPool` on the CPU; tensors another resident
+    session holds are shared, the others join it; closing the session releases them."""
+    from variants.ort_forms import OrtHostForm, check_pool_device, optimized_graph, take_arrays
+
     kind, _ = parse_device(device)
     if kind == "cuda" and manifest.quantized == "int8":
         raise BackendError(f"{manifest.name!r} is int8: onnxruntime's CUDA EP has no int8 "
                            f"kernels; serve fp32/fp16 variants on GPU or use --device cpu")
-    return OnnxSession(source if source is not None else manifest.onnx_path, device=device,
-                       threads=threads, variant=manifest.name)
+    if isinstance(source, (bytes, str, Path)) and pool is None:
+        return OnnxSession(source, device=device, threads=threads, variant=manifest.name)
+    if pool is not None:
+        check_pool_device(pool, device)
+    form = source if isinstance(source, OrtHostForm) else None
+    graph = form.graph if form is not None else optimized_graph(manifest, device)
+    if form is None and pool is None:  # from the stored optimised graph: ORT reads its tensors
+        return OnnxSession(graph.graph_path, device=device, threads=threads,
+                           variant=manifest.name, optimized=True)
+    arrays, handle = take_arrays(graph, source=form, pool=pool, name=manifest.name)
+    session = OnnxSession(form.graph_bytes if form is not None else graph.graph_bytes(),
+                          device=device, threads=threads, variant=manifest.name, optimized=True,
+                          initializers=arrays, folder=graph.folder,
+                          prepack=pool is None or POOLED_PREPACK,
+                          release=None if handle is None else lambda: pool.release(handle))
+    session.read_bytes = None if handle is None else handle.read_bytes
+    return session
 
 
 class TorchSession(Session):
@@ -198,12 +270,41 @@ class TorchSession(Session):
             release()
 
 
+@dataclass(eq=False)
+class TorchHostForm:
+    """What a host tier keeps of a torch variant: its state-dict tensors on the CPU (pinned
+    when the sessions run on CUDA, so the copy back is a DMA). A re-load fills a skeleton
+    built with empty parameters from them: on the CPU the module computes on these very
+    tensors, on CUDA it copies them into fresh device tensors."""
+
+    tensors: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def torch_host_form(manifest, device: str = "cpu") -> TorchHostForm:
+    """Read a torch variant's safetensors into (on CUDA: pinned) host tensors."""
+    if manifest.weights_path is None:
+        raise BackendError(f"{manifest.name!r} has no torch weights; use --backend onnxruntime")
+    from safetensors.torch import load_file
+
+    kind, _ = parse_device(device)
+    tensors = load_file(str(manifest.weights_path))
+    if kind == "cuda":
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    return TorchHostForm(tensors)
+
+
 @register_backend("torch")
 def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
                    source: Any = None, pool: Any = None) -> Session:
     """Rebuild the variant and load its safetensors; with ``pool`` (a
     :class:`variants.shared.TensorPool` on ``device``) through the pool, so tensors another
-    resident variant already holds are shared, not read; closing the session releases them."""
+    resident variant already holds are shared, not read; closing the session releases them.
+    ``source``: a :class:`TorchHostForm` (:func:`host_form`): the module is a skeleton
+    filled from its tensors, no file is read."""
     if manifest.weights_path is None:
         raise BackendError(f"{manifest.name!r} has no torch weights ({manifest.quantized or 'onnx'}"
                            f"-only variant); use --backend onnxruntime")
@@ -227,6 +328,9 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
                                release=lambda: pool.release(handle))
         session.read_bytes = handle.read_bytes
         return session
+    if isinstance(source, TorchHostForm):
+        return TorchSession(_from_host(fam, manifest, source, device), names, device=device,
+                            variant=manifest.name)
     from safetensors.torch import load_file
 
     module = fam.rebuild(manifest.arch)
@@ -234,8 +338,29 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
     return TorchSession(module.eval(), names, device=device, variant=manifest.name)
 
 
+def _from_host(fam, manifest, form: TorchHostForm, device: str):
+    import torch
+
+    from variants.tensors import empty_parameters, meta_names, set_tensor
+
+    kind, idx = parse_device(device)
+    target = torch.device("cuda", idx) if kind == "cuda" else None
+    with empty_parameters():
+        module = fam.rebuild(manifest.arch)
+    for name, t in form.tensors.items():
+        set_tensor(module, name, t if target is None else t.to(target, non_blocking=True))
+    missing = meta_names(module)
+    if missing:
+        raise BackendError(f"host form of {manifest.name!r} lacks {missing[:3]}; it was made "
+                           f"from another variant's weights")
+    if target is not None:
+        torch.cuda.synchronize(target)
+    return module.eval()
+
+
 #: backends whose sessions can load through a shared :class:`variants.shared.TensorPool`
-POOLED_BACKENDS = frozenset({"torch"})
+#: (onnxruntime: on the CPU, the pool holding the optimised graphs' tensors as arrays)
+POOLED_BACKENDS = frozenset({"torch", "onnxruntime"})
 
 
 def supports_pool(backend: str) -> bool:
@@ -245,10 +370,16 @@ def supports_pool(backend: str) -> bool:
 
 def host_form(manifest, backend: str, device: str = "cpu") -> Any:
     """What a host tier keeps of ``manifest`` so a re-load skips the disk; handed back to the
-    backend's factory as ``source=``. None: ``backend`` has no host form (re-loads read the
+    backend's factory as ``source=``. onnxruntime: an :class:`~variants.ort_forms.OrtHostForm`
+    (the graph optimised for ``device`` and its tensors as arrays the session computes on);
+    torch: a :class:`TorchHostForm`. None: ``backend`` has no host form (re-loads read the
     files). Size it with :func:`host_nbytes`."""
     if backend == "onnxruntime":
-        return Path(manifest.onnx_path).read_bytes()
+        from variants.ort_forms import ort_host_form
+
+        return ort_host_form(manifest, device)
+    if backend == "torch" and manifest.weights_path is not None:
+        return torch_host_form(manifest, device)
     return None
 
 
@@ -256,7 +387,7 @@ def host_nbytes(form: Any) -> int:
     """Host memory a :func:`host_form` result holds."""
     if isinstance(form, (bytes, bytearray, memoryview)):
         return len(form)
-    return int(getattr(form, "nbytes"))
+    return int(form.nbytes)
 
 
 def open_session(store, name: str, *, device: str = "cpu", backend: str = "onnxruntime",

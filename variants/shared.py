@@ -1,4 +1,5 @@
-"""Shared tensors for the torch backend: a content-hashed pool and in-place exit moves.
+"""Shared tensors: a content-hashed pool (torch modules and onnxruntime sessions) and in-place
+exit moves.
 
 Multi-model hosting (DESIGN.md): several torch modules in one process hold every
 identical tensor once. :class:`TensorPool` keys each tensor by its content (dtype,
@@ -11,6 +12,11 @@ on one frozen backbone, or a model and its early-exit variants, cost one backbon
     pool.bytes()                                                  # unique bytes held
     pool.transition_cost([ha], b_tensors)                         # bytes freed / needed
     pool.release(ha)                                              # frees what only a used
+
+onnxruntime sessions take their tensors from the same kind of pool as numpy arrays
+(:meth:`TensorPool.take_arrays`, keyed by the content of the *optimised* graph's tensors,
+:mod:`variants.ort_forms`); the backend hands them to each session with
+``SessionOptions.add_initializer``, which computes on them without a copy.
 
 Memory-adaptive models: an exit@k variant is a prefix of the full model plus a small
 head (its backbone is frozen, so the prefix tensors are the full model's).
@@ -27,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +243,41 @@ class TensorPool:
             raise
         return module.eval(), handle
 
+    def take_arrays(self, index: Mapping[str, TensorKey],
+                    read: Callable[[list[str]], Mapping[str, Any]], name: str | None = None
+                    ) -> tuple[dict[str, Any], PoolHandle]:
+        """Arrays by tensor name for an onnxruntime session (``index``: name -> content key of
+        its optimised graph's tensors): those the pool holds are taken from it, the others are
+        fetched with ``read(names)`` (from a host form or the file) and join the pool. The
+        session computes on the pooled arrays in place (``add_initializer``), so sessions
+        holding identical tensors hold them once. Returns ``(arrays, handle)``."""
+        taken: set[TensorKey] = set()
+        out: dict[str, Any] = {}
+        with self._lock:
+            for n, key in index.items():
+                a = self._take_held(key, taken)
+                if a is not None:
+                    out[n] = a
+        todo = [n for n in index if n not in out]
+        try:
+            got = read(todo) if todo else {}
+            read_bytes = sum(int(got[n].nbytes) for n in todo)
+            with self._lock:
+                for n in todo:
+                    out[n] = self._take_array(index[n], got[n], taken)
+                handle = self._register(name, taken)
+                handle.read_bytes = read_bytes
+        except BaseException:
+            with self._lock:
+                self._drop(taken)
+            raise
+        return out, handle
+
+    def held(self, keys: Iterable[TensorKey]) -> frozenset[TensorKey]:
+        """The ones of ``keys`` the pool holds now."""
+        with self._lock:
+            return frozenset(k for k in keys if k in self._entries)
+
     def release(self, handle: PoolHandle) -> int:
         """Forget a module; returns the bytes of the tensors no other module uses (freed
         once the caller drops the module too). Releasing twice is a ValueError."""
@@ -293,6 +334,16 @@ class TensorPool:
             elif copy:
                 t = t.clone()
             e = self._entries[key] = _Entry(t)
+        if key not in taken:
+            e.refs += 1
+            taken.add(key)
+        return e.tensor
+
+    def _take_array(self, key: TensorKey, array, taken: set[TensorKey]):
+        """Like :meth:`_take` for a numpy array (kept as is: it is already the pool's own)."""
+        e = self._entries.get(key)
+        if e is None:
+            e = self._entries[key] = _Entry(array)
         if key not in taken:
             e.refs += 1
             taken.add(key)
