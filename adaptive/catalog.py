@@ -89,8 +89,9 @@ def _candidate(p: Any, q: float | None, batch: int) -> Candidate | None:
         return None
     lat = min(ok, key=lambda b: b.batch)
     per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
+    peaks = [b.load_peak_bytes for b in ok if b.load_peak_bytes is not None]
     return Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
-                     float(p.load_cold_s or 0.0))
+                     float(p.load_cold_s or 0.0), load_peak_bytes=int(max(peaks, default=0)))
 
 
 def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
