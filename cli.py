@@ -237,10 +237,14 @@ def models_cmd(as_json: bool, pattern: str) -> None:
                    "(BERT family). Each becomes MODEL-SET with the variants asked for; all "
                    "share the backbone's tensors.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=3600, show_default=True,
+              metavar="SECONDS",
+              help="How long to wait for another run writing the same store (0: fail at once).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @_errors
 def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_classes, weights,
-                 pretrained, recover_steps, resolution, name, heads, seed, as_json) -> None:
+                 pretrained, recover_steps, resolution, name, heads, seed, lock_timeout,
+                 as_json) -> None:
     """Generate MODEL's variants into a store (always including the base).
 
     Idempotent and resumable: a variant already stored with the same key is
@@ -256,6 +260,9 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
     With --heads, the task models' backbone tensors are identical, so a server
     embedding VariantCache(..., backend="torch", share_weights=True) holds the
     backbone once for all of them.
+
+    Runs into one store take turns: a run waits (up to --lock-timeout) for
+    another one writing the store, saying which pid it waits for.
     """
     import variants
 
@@ -263,7 +270,7 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
     if heads is not None:
         _generate_heads(model, fam, store, heads, quantize, prune, exits, combine, calib,
                         num_classes, weights, pretrained, recover_steps, resolution, name,
-                        seed, as_json)
+                        seed, as_json, lock_timeout)
         return
     opts: dict[str, Any] = {}
     if resolution is not None:
@@ -275,7 +282,8 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
         results = variants.generate(model, store, quantize=quantize, prune=prune, exits=exits,
                                     combine=combine, calib=calib, num_classes=num_classes,
                                     weights=weights, pretrained=pretrained, seed=seed,
-                                    recover_steps=recover_steps, name=name, progress=bar, **opts)
+                                    recover_steps=recover_steps, name=name, progress=bar,
+                                    lock_timeout=lock_timeout, **opts)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
         return
@@ -293,15 +301,18 @@ def generate_cmd(model, store, quantize, prune, exits, combine, calib, num_class
 
 def _generate_heads(model, fam, store, heads, quantize, prune, exits, combine, calib,
                     num_classes, weights, pretrained, recover_steps, resolution, name, seed,
-                    as_json) -> None:
+                    as_json, lock_timeout) -> None:
+    from variants import Store
     from variants.heads import check_head_options, generate_heads, parse_label_sets
 
     check_head_options(model, {"--num-classes": num_classes, "--weights": weights,
                                "--name": name, "--calib": calib, "--resolution": resolution,
                                "--pretrained": pretrained})
     sets = parse_label_sets(heads)
-    with _Progress(not as_json) as bar:
-        out = generate_heads(model, sets, store, exits=exits, quantize=quantize, prune=prune,
+    st = Store(store, create=True)
+    with _Progress(not as_json) as bar, st.lock(f"generate {model} --heads {heads}",
+                                                timeout=lock_timeout):
+        out = generate_heads(model, sets, st, exits=exits, quantize=quantize, prune=prune,
                              combine=combine, seed=seed, recover_steps=recover_steps,
                              progress=bar)
     if as_json:

@@ -4,6 +4,10 @@ Each variant's key hashes the base model's fingerprint (architecture + every
 tensor), its spec chain, the options that shape it and the toolkit version;
 a key already in the store is skipped, so re-running after an interrupt only
 does what is missing.
+
+A run holds the store's lock (:meth:`variants.Store.lock`) while it writes, so
+two runs into one store take turns: the second waits, then skips what the
+first stored. It starts by sweeping the staging folders that killed runs left.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from variants._locks import DEFAULT_TIMEOUT
 from variants.data import calibration, default_source
 from variants.errors import SpecError
 from variants.export import export_onnx
@@ -100,12 +105,15 @@ def generate(model: str | None, store: Store | str, *,
              weights: str | None = None, pretrained: bool = False, seed: int = 0,
              recover_steps: int | None = None, name: str | None = None,
              module=None, example_inputs=None, family: str | None = None,
-             progress: Progress | None = None, **family_options: Any) -> list[GenerateResult]:
+             progress: Progress | None = None, lock_timeout: float | None = DEFAULT_TIMEOUT,
+             **family_options: Any) -> list[GenerateResult]:
     """Generate and store the base variant of ``model`` and the requested variants.
 
     ``model`` is a built-in name (``memadapt models``) or, with ``module=`` and
     ``example_inputs=``, the name to give any ``nn.Module``. Returns one result
     per variant, ``status="skipped"`` for those already stored with the same key.
+    Another run writing the same store is waited for up to ``lock_timeout``
+    seconds (``None``: for ever), then :class:`variants.store.StoreLockedError`.
     """
     import torch
 
@@ -147,6 +155,21 @@ def generate(model: str | None, store: Store | str, *,
                 full.append(chain[:i])
     full.sort(key=len)
 
+    with store.lock(f"generate {base_name}", timeout=lock_timeout):
+        swept = store.clean_staging()
+        if swept:
+            log.info("removed %d staging folders left by interrupted runs", swept)
+        return _generate_locked(store, fam, built, model, base_name, base_fp, full, options,
+                                calib_source, seed, recover_steps, progress)
+
+
+def _generate_locked(store: Store, fam, built: Built, model: str, base_name: str, base_fp: str,
+                     full: list[tuple[Spec, ...]], options: dict[str, Any], calib_source: str,
+                     seed: int, recover_steps: int | None,
+                     progress: Progress | None) -> list[GenerateResult]:
+    import torch
+
+    base_arch = built.arch
     results: list[GenerateResult] = []
     modules: dict[tuple[Spec, ...], tuple[Any, dict]] = {(): (built.module, base_arch)}
     cal = None
@@ -174,43 +197,47 @@ def generate(model: str | None, store: Store | str, *,
         parent = chain[:-1] if chain else None
         stage = chain[-1].stage if chain else "torch"
         staging = store.staging(vname)
-        weights_file: str | None = None
-        export_check = None
-        if stage == "torch":
-            if chain:
-                pmod, parch = _torch_parent(modules, parent, store, base_name, fam)
-                torch.manual_seed(seed)
-                mod, arch = torch_transform(chain[-1])(copy.deepcopy(pmod), chain[-1],
-                                                      copy.deepcopy(parch), ctx)
+        try:
+            weights_file: str | None = None
+            export_check = None
+            if stage == "torch":
+                if chain:
+                    pmod, parch = _torch_parent(modules, parent, store, base_name, fam)
+                    torch.manual_seed(seed)
+                    mod, arch = torch_transform(chain[-1])(copy.deepcopy(pmod), chain[-1],
+                                                          copy.deepcopy(parch), ctx)
+                else:
+                    mod, arch = built.module, base_arch
+                mod = mod.eval()
+                modules[chain] = (mod, arch)
+                check = export_onnx(mod, fam, arch, staging / "model.onnx", seed=seed)
+                export_check = check.to_dict()
+                save_state_dict(mod, staging / "weights.safetensors")
+                weights_file = "weights.safetensors"
+                params = _params(mod)
             else:
-                mod, arch = built.module, base_arch
-            mod = mod.eval()
-            modules[chain] = (mod, arch)
-            check = export_onnx(mod, fam, arch, staging / "model.onnx", seed=seed)
-            export_check = check.to_dict()
-            save_state_dict(mod, staging / "weights.safetensors")
-            weights_file = "weights.safetensors"
-            params = _params(mod)
-        else:
-            src = store.get(variant_name(base_name, parent))
-            arch = src.arch
-            onnx_transform(chain[-1])(src.onnx_path, staging / "model.onnx", chain[-1],
-                                      arch, ctx)
-            params = src.params
-            ctx.report.update(_compare_to_parent(fam, arch, src.onnx_path,
-                                                 staging / "model.onnx", cal))
-        manifest = {
-            "manifest_version": 1, "name": vname, "key": key, "base": base_name,
-            "parent": variant_name(base_name, parent) if chain else None,
-            "specs": [s.to_dict() for s in chain], "family": fam.name,
-            "model": model, "task": _task(fam, arch), "arch": arch,
-            "inputs": [s.to_dict() for s in fam.inputs(arch)],
-            "outputs": fam.output_names(arch), "params": params, "onnx": "model.onnx",
-            "weights": weights_file, "export_check": export_check, "metrics": ctx.report,
-            "versions": versions(), "created": now(), "options": options,
-            "base_fingerprint": base_fp,
-        }
-        m = store.commit(staging, manifest)
+                src = store.get(variant_name(base_name, parent))
+                arch = src.arch
+                onnx_transform(chain[-1])(src.onnx_path, staging / "model.onnx", chain[-1],
+                                          arch, ctx)
+                params = src.params
+                ctx.report.update(_compare_to_parent(fam, arch, src.onnx_path,
+                                                     staging / "model.onnx", cal))
+            manifest = {
+                "manifest_version": 1, "name": vname, "key": key, "base": base_name,
+                "parent": variant_name(base_name, parent) if chain else None,
+                "specs": [s.to_dict() for s in chain], "family": fam.name,
+                "model": model, "task": _task(fam, arch), "arch": arch,
+                "inputs": [s.to_dict() for s in fam.inputs(arch)],
+                "outputs": fam.output_names(arch), "params": params, "onnx": "model.onnx",
+                "weights": weights_file, "export_check": export_check, "metrics": ctx.report,
+                "versions": versions(), "created": now(), "options": options,
+                "base_fingerprint": base_fp,
+            }
+            m = store.commit(staging, manifest)
+        except BaseException:
+            store.discard(staging)  # an interrupted build leaves nothing behind
+            raise
         dt = time.perf_counter() - t0
         log.info("generated %s (%d params, %d bytes) in %.1fs", vname, params, m.bytes, dt)
         results.append(GenerateResult(vname, key, "created", dt, params, m.bytes))

@@ -7,28 +7,47 @@ Layout::
       variants/<name>/model.onnx      self-contained ONNX graph
       variants/<name>/weights.safetensors   torch weights (torch-stage variants)
       catalog.sqlite                  profiles (written by the profiler)
-      .tmp/                           variants being written
+      .tmp/                           variants being written (and old ones being deleted)
+      .lock                           the writers' lock (see :meth:`Store.lock`)
 
 A variant is written in ``.tmp/`` and moved into place with one atomic
-rename, manifest last, so a crash leaves either the whole variant or nothing.
+rename, manifest last, so a crash leaves either the whole variant or nothing;
+a variant that replaces an older one is swapped in with one atomic exchange
+(Linux ``renameat2``), so a reader or a crash sees the old one or the new one,
+never neither. Writers (``generate``, :meth:`Store.remove`) hold the store's
+lock, so concurrent runs into one store take turns instead of losing each
+other's work; the process writing a staging folder holds a lock on it, so
+:meth:`Store.clean_staging` sweeps only what dead processes left.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from variants._groupfile import Group, is_group, read_group, read_groups
+from variants._locks import (
+    DEFAULT_TIMEOUT,
+    StoreLock,
+    StoreLockedError,
+    is_owned,
+    lock_owner,
+    release_owner,
+)
 from variants.errors import CorruptArtifactError, KeyConflictError, StoreError, UnknownNameError
 from variants.specs import Spec, spec_from_dict
 
@@ -36,6 +55,14 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+LOCK = ".lock"
+STAGING = ".tmp"
+#: prefixes of the folders in .tmp/ that hold an old variant on its way out (a variant's
+#: staging folder starts with its name, and no name starts with a dot)
+_REPLACED, _REMOVED = ".replaced-", ".removed-"
+
+__all__ = ["MANIFEST", "FileEntry", "Manifest", "Store", "StoreLockedError", "atomic_write_text",
+           "now", "sha256_file", "toolkit_version", "versions"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -60,6 +87,52 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with _suppress():
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a crash of the machine, not only the process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the system or file system cannot, and the caller falls back to two renames."""
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:  # glibc before 2.28
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+#: staging folders of this process -> the descriptor holding their owner lock
+_STAGED: dict[str, int] = {}
+_STAGED_GUARD = threading.Lock()
 
 
 class _suppress:
@@ -248,14 +321,70 @@ class Store:
                                            f"delete {m.path} and generate it again")
         return m
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK
+
+    def lock(self, what: str = "", timeout: float | None = DEFAULT_TIMEOUT) -> StoreLock:
+        """``with store.lock("generate resnet18"):`` be the store's only writer.
+
+        Held across processes (``fcntl.flock`` on ``STORE/.lock``) and re-entrant
+        within a thread. Waits up to ``timeout`` seconds (``None``: for ever) for
+        another writer, logging once whom it waits for, then raises
+        :class:`StoreLockedError` naming that writer's pid. A holder that dies
+        (even by kill -9) drops the lock at once.
+        """
+        return StoreLock(self.lock_path, what, timeout)
+
     def staging(self, name: str) -> Path:
-        """A fresh temp folder to build variant ``name`` in before :meth:`commit`."""
-        tmp = self.root / ".tmp"
+        """A fresh temp folder to build variant ``name`` in before :meth:`commit` (or
+        :meth:`discard`). This process holds its owner lock until then, so
+        :meth:`clean_staging` in any process leaves it alone."""
+        self.variant_dir(name)  # validates the name
+        path = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=f"{name}."))
+        self._own(path)
+        return path
+
+    def _tmp(self) -> Path:
+        tmp = self.root / STAGING
         tmp.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=tmp, prefix=f"{name}."))
+        return tmp
+
+    @staticmethod
+    def _own(path: Path) -> None:
+        fd = lock_owner(path)
+        with _STAGED_GUARD:
+            _STAGED[str(path)] = fd
+
+    @staticmethod
+    def _disown(path: Path) -> None:
+        with _STAGED_GUARD:
+            fd = _STAGED.pop(str(path), None)
+        if fd is not None:
+            release_owner(fd)
+
+    def discard(self, staging: Path) -> None:
+        """Delete a staging folder that will not be committed (a failed or interrupted build)."""
+        shutil.rmtree(staging, ignore_errors=True)
+        self._disown(staging)
 
     def commit(self, staging: Path, manifest: dict[str, Any]) -> Manifest:
-        """Hash the staged files, write the manifest, and move the folder into place."""
+        """Hash the staged files, write the manifest, and move the folder into place.
+
+        A folder already at the variant's place (the same key made again, or a
+        folder an old crash left without a manifest) is swapped out in one atomic
+        exchange; where the file system cannot exchange, it is first renamed into
+        ``.tmp/`` and :meth:`clean_staging` puts it back should the process die
+        before the new one is in place.
+        """
+        name = manifest["name"]
+        try:
+            with self.lock(f"commit {name}"):
+                return self._commit(staging, manifest)
+        finally:
+            self._disown(staging)
+
+    def _commit(self, staging: Path, manifest: dict[str, Any]) -> Manifest:
         name = manifest["name"]
         if is_group(self.root, name):
             shutil.rmtree(staging, ignore_errors=True)
@@ -264,22 +393,36 @@ class Store:
         files = {}
         for f in sorted(staging.iterdir()):
             if f.name != MANIFEST and f.is_file():
+                _fsync_file(f)
                 files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {**manifest, "files": files}
         manifest["bytes"] = files[manifest["onnx"]]["bytes"]
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_dir(staging)
         target = self.variant_dir(name)
-        if target.exists():
+        if not os.path.lexists(target):
+            os.replace(staging, target)
+        else:
             existing = self.get(name) if name in self else None
             if existing is not None and existing.key != manifest["key"]:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise KeyConflictError(f"variant {name!r} already exists in {self.root} with "
                                        f"another key ({existing.key}); use another --out store "
                                        f"or --name")
-            # a leftover folder without a manifest is an interrupted write: replace it
-            shutil.rmtree(target)
-        os.replace(staging, target)
+            self._swap_in(staging, target)
+        _fsync_dir(target.parent)
         return self.get(name)
+
+    def _swap_in(self, staging: Path, target: Path) -> None:
+        """Put ``staging`` at ``target`` in place of what is there, and delete the old one."""
+        if _exchange(staging, target):
+            shutil.rmtree(staging, ignore_errors=True)  # the old folder now lies there
+            return
+        trash = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=_REPLACED))
+        os.replace(target, trash / target.name)
+        # a crash here leaves no variant at target: clean_staging restores it from trash
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def groups(self) -> list[Group]:
         """The store's groups (served models over several bases, made with
@@ -290,20 +433,50 @@ class Store:
         return read_group(self.root, name)
 
     def remove(self, name: str) -> None:
+        """Delete a variant: one rename takes it out of the store, then its files go."""
         d = self.variant_dir(name)
-        if not d.exists():
-            raise UnknownNameError("variant", name, self.names())
-        trash = self.staging(f"deleted-{name}")
-        os.replace(d, trash / name)
-        shutil.rmtree(trash, ignore_errors=True)
+        with self.lock(f"remove {name}"):
+            if not os.path.lexists(d):
+                raise UnknownNameError("variant", name, self.names())
+            trash = Path(tempfile.mkdtemp(dir=self._tmp(), prefix=_REMOVED))
+            os.replace(d, trash / name)
+            _fsync_dir(d.parent)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def clean_staging(self) -> int:
-        """Remove folders left in ``.tmp/`` by interrupted runs; returns how many."""
-        tmp = self.root / ".tmp"
+        """Sweep ``.tmp/`` of what interrupted runs left; returns how many folders went.
+
+        Only folders no live process holds (their writer died, or gave up without
+        discarding them) are touched, so a concurrent ``generate``'s work is safe. An
+        old variant caught between the two renames of a replacement whose process died
+        is put back in place rather than deleted.
+        """
+        tmp = self.root / STAGING
         if not tmp.is_dir():
             return 0
         n = 0
-        for d in tmp.iterdir():
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
+        with self.lock("clean staging"):
+            for d in sorted(tmp.iterdir()):
+                if d.is_dir() and not d.is_symlink():
+                    if is_owned(d):
+                        continue
+                    if d.name.startswith(_REPLACED):
+                        self._restore(d)
+                    shutil.rmtree(d, ignore_errors=True)
+                else:
+                    with _suppress():
+                        d.unlink()
+                n += 1
         return n
+
+    def _restore(self, trash: Path) -> None:
+        """Put an old variant back whose replacement died between its two renames."""
+        for old in trash.iterdir():
+            target = self.variant_dir(old.name)
+            if (old / MANIFEST).is_file() and not (target / MANIFEST).is_file():
+                if os.path.lexists(target):  # a folder without a manifest is no variant
+                    shutil.rmtree(target, ignore_errors=True)
+                os.replace(old, target)
+                _fsync_dir(target.parent)
+                log.warning("restored variant %s in %s (its replacement was interrupted)",
+                            old.name, self.root)
