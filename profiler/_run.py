@@ -176,7 +176,9 @@ def _profile_variant(store: Store, m: Manifest, cat: Catalog, info: DeviceInfo, 
                                    row["seconds"], row.get("error")))
         step += 1
         tick()
-    if todo:
+    # also when nothing was measured: a run killed between its last batch and the fit
+    # left the rows without their fit
+    if todo or m.key not in cat.fits(info.fingerprint, backend):
         _refit(cat, m.key, info.fingerprint, backend)
     if eval_set is not None:
         out.append(_accuracy(cat, m, base_row, eval_set, evaluator, load_error, todo_acc))
