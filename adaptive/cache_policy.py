@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class _Job:
     """A load of ``cand`` for ``st`` the policy asked for; ``state``: queued, running, done."""
 
-    __slots__ = ("st", "cand", "mbb", "kind", "state", "discard", "error", "started")
+    __slots__ = ("st", "cand", "mbb", "kind", "state", "discard", "error", "started", "then")
 
     def __init__(self, st: _Model, cand: Candidate, mbb: bool, kind: str):
         self.st = st
@@ -51,6 +51,7 @@ class _Job:
         self.discard = False
         self.error: BaseException | None = None
         self.started: tuple[float, float] | None = None
+        self.then: Candidate | None = None  # a variant to load beside it once it is in
 
 
 class PolicyRules:
@@ -181,17 +182,23 @@ class PolicyRules:
         if beside is not None:  # make-before-break under way: the serving variant stays
             if job is not None and job.cand is beside:
                 return
+            if cur is None:  # still loading what serves: the side load comes after it
+                if job is None or job.cand is not serve:
+                    if job is not None:
+                        self._drop(job)
+                    job = self._start(st, serve, mbb=False, old=None, requester=requester)
+                job.then = beside
+                return
             if job is not None:
                 self._drop(job)
-            if cur is None:
-                self._start(st, beside, mbb=False, old=None, requester=requester)
-            else:
-                self._start(st, beside, mbb=True, old=cur, requester=None)
+            self._start(st, beside, mbb=True, old=cur, requester=None)
             return
         if cur is serve:  # as wanted (a make-before-break the policy gave up, if any)
             if job is not None:
                 self._drop(job)
             return
+        if job is not None and job.cand is serve and job.then is not None:
+            job.then = None  # the policy gave up the side load planned after it
         if job is not None and job.cand is serve:  # loading it already
             if tg.bbm and st.current is not None:
                 self._retire(st, stall=True)
@@ -369,6 +376,10 @@ class PolicyRules:
             else:
                 st.job = None
                 release = c._install(st, cand, session, hold, job.kind, job.started)
+                then = job.then
+                if then is not None and self.driver.state.pend[st.index] == \
+                        st.index_of[then.variant]:
+                    self._start(st, then, mbb=True, old=cand, requester=None)
             c._cond.notify_all()
         if release is not None:
             c._release(release)
