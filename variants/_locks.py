@@ -114,7 +114,11 @@ class StoreLock:
             raise
 
     def _flock(self, deadline: float | None) -> int:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot open the store's lock file {self.path} ({e.strerror}); "
+                             f"writing needs a store folder you can write to") from None
         warned = False
         poll = self.poll
         try:
@@ -124,6 +128,10 @@ class StoreLock:
                     break
                 except BlockingIOError:
                     pass
+                except OSError as e:
+                    raise StoreError(f"cannot lock {self.path} ({e.strerror}): its file system "
+                                     f"does not support flock (NFS without locking?); put the "
+                                     f"store on a local disk") from None
                 who = describe(holder(self.path))
                 if deadline is not None and time.monotonic() >= deadline:
                     raise StoreLockedError(
