@@ -1,4 +1,5 @@
-"""The miss-rate lower bound (PFOO-L over smallest eligible variants) against brute force."""
+"""The miss-rate lower bound (PFOO-L and pooled FOO-L over smallest eligible variants) against
+brute force."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def test_bound_never_exceeds_the_optimum_nor_any_policy(n, data):
     assert b.compulsory == len(set(seq)) <= b.misses
     opt = optimal_misses(seq, sizes, budget)
     assert b.misses <= opt
+    # pooling instants relaxes FOO-L further; PFOO-L alone is looser still
+    pooled = miss_lower_bound(tr, demands, budget, segments=3).misses
+    assert miss_lower_bound(tr, demands, budget, segments=0).misses <= pooled <= b.misses
     assert optimal_misses(seq, sizes, budget, bypass=True) <= opt
     for policy in list_policies():
         r = simulate(tr, demands, policy, budget)
@@ -100,6 +104,18 @@ def test_bound_is_tight_when_everything_fits_and_counts_reuse_otherwise():
     assert optimal_misses([0, 1, 0, 1], [10, 10], 10) == 4
     assert optimal_misses([0, 1, 0, 1], [10, 10], 10, bypass=True) == 3
     assert miss_lower_bound(tr, demands, 5).served == 0
+
+
+def test_foo_l_is_tighter_than_pfoo_l_where_one_instant_is_full():
+    # B (2 bytes) then A (3 bytes) then B, A under 3 bytes: PFOO-L pools the spare bytes of
+    # both B instants and lets B's reuse hit; at A's instant the cache is full, so FOO-L
+    # (and the optimum) allows no hit
+    tr = RequestTrace.from_names([0, 1, 2, 3], list("BABA"))
+    demands = [ModelDemand("A", [Candidate("base", 3, 0.9)]),
+               ModelDemand("B", [Candidate("base", 2, 0.9)])]
+    assert miss_lower_bound(tr, demands, 3, segments=0).misses == 3
+    assert miss_lower_bound(tr, demands, 3).misses == 4
+    assert optimal_misses([1, 0, 1, 0], [3, 2], 3) == 4
 
 
 def test_bound_row_in_compare_is_json_ready():
