@@ -16,13 +16,17 @@ from adaptive.budget import (
     list_budget_sources,
 )
 from adaptive.cache import CacheStats, InferResult, ModelStats, UnknownModelError, VariantCache
-from adaptive.errors import InfeasibleBudget
+from adaptive.cache_config import CacheConfig
+from adaptive.errors import AdaptiveError, CacheTimeout, InfeasibleBudget
 from adaptive.select import Candidate, ModelDemand, Plan, select
 from adaptive.units import format_size, parse_size
 
 __all__ = [
+    "AdaptiveError",
     "BudgetSource",
+    "CacheConfig",
     "CacheStats",
+    "CacheTimeout",
     "CallableBudget",
     "Candidate",
     "CgroupBudget",

@@ -29,7 +29,6 @@ Clock, loader and budget source are injected, so tests use a fake clock and neve
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -47,6 +46,7 @@ from adaptive.errors import AdaptiveError, CacheTimeout
 from adaptive.hosttier import HostTier
 from adaptive.ledger import ByteLedger, Hold
 from adaptive.select import Candidate, ModelDemand
+from adaptive.sessions import Entry as _Entry
 
 __all__ = [
     "CacheConfig", "CacheStats", "CacheTimeout", "CandidateSource", "InferResult", "Loader",
@@ -175,25 +175,6 @@ def catalog_candidates(store: Any, device: str, backend: str,
     return out
 
 
-class _Entry:
-    """One loaded session of one variant; ``inflight`` requests are running on it."""
-
-    __slots__ = ("model", "cand", "session", "hold", "inflight", "retired", "releasing")
-
-    def __init__(self, model: str, cand: Candidate, session: Any, hold: Hold):
-        self.model = model
-        self.cand = cand
-        self.session = session
-        self.hold = hold  # private bytes and the shared groups, in the ledger
-        self.inflight = 0
-        self.retired = False
-        self.releasing = False
-
-    @property
-    def charge(self) -> int:
-        return self.hold.private
-
-
 class _Model:
     """Per-model state, all guarded by the cache's lock."""
 
@@ -235,17 +216,6 @@ class _Model:
                slo_s: float | None = None) -> ModelDemand:
         return ModelDemand(self.name, self.cands if cands is None else cands, self.floor, rate,
                            slo_s=slo_s)
-
-
-def fresh(err: BaseException) -> BaseException:
-    """A new exception like ``err`` for another thread to raise (one exception object raised
-    in many threads gets its traceback rewritten by each)."""
-    try:
-        new = copy.copy(err)
-    except Exception:  # noqa: BLE001 - any error type: fall back to the message
-        new = AdaptiveError(str(err))
-    new.__cause__ = err
-    return new
 
 
 class VariantCache:

@@ -33,9 +33,10 @@ class CacheConfig:
 
     **Where and what**: ``device`` (``cpu``, ``cuda[:i]``), ``backend`` (a registered
     backend), ``max_batch`` (memory is charged at this batch size; larger batches are
-    refused), ``floors`` (model -> accuracy floor), ``slos`` (model -> latency SLO in seconds: a variant
-    slower than it is not chosen while one that meets it fits), ``aliases`` (served model -> stored base),
-    ``verify`` (check files against their sha256 once, at construction).
+    refused), ``floors`` (model -> accuracy floor), ``slos`` (model -> latency SLO in
+    seconds: a variant slower than it is not chosen while one that meets it fits),
+    ``aliases`` (served model -> stored base), ``verify`` (check files against their sha256
+    once, at construction).
 
     **Budget**: ``budget`` is bytes, a size string, a source name (``"cgroup"``,
     ``"cuda-free"``), a function or a :class:`~adaptive.budget.BudgetSource`; None: free CUDA
@@ -190,8 +191,8 @@ def config_from(config: CacheConfig | None, overrides: Mapping[str, Any]) -> Cac
     if unknown:
         raise AdaptiveError(f"unknown cache settings {unknown}; CacheConfig has "
                             f"{', '.join(sorted(_FIELDS))}")
-    overrides = {k: ({} if v is None and k in ("floors", "slos", "aliases", "policy_options") else v)
-                 for k, v in overrides.items()}
+    maps = ("floors", "slos", "aliases", "policy_options")
+    overrides = {k: ({} if v is None and k in maps else v) for k, v in overrides.items()}
     if config is None:
         return CacheConfig(**overrides)
     return replace(config, **overrides) if overrides else config

@@ -30,9 +30,10 @@ from adaptive.admission import Rates
 from adaptive.driver import PolicyDriver, Target
 from adaptive.errors import AdaptiveError
 from adaptive.select import Candidate, check_feasible
+from adaptive.sessions import Entry, fresh
 
 if TYPE_CHECKING:
-    from adaptive.cache import VariantCache, _Entry, _Model
+    from adaptive.cache import VariantCache, _Model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class PolicyRules:
         self.queue: deque[_Job] = deque()
         self.workers: list[threading.Thread] = []
         self.stopping = False
-        self.releases: list[_Entry] = []  # retired under the lock, to release outside it
+        self.releases: list[Entry] = []  # retired under the lock, to release outside it
         self.created: list[_Job] | None = None  # jobs a budget change starts (it waits)
 
     # -- the cache's interface -----------------------------------------------------------------
@@ -77,7 +78,7 @@ class PolicyRules:
     def rate(self, st: _Model, now: float) -> float:
         return self.rates.rate(st.index, now)
 
-    def enter(self, st: _Model) -> tuple[_Entry, str]:
+    def enter(self, st: _Model) -> tuple[Entry, str]:
         c = self.c
         with c._lock:
             c._count_request(st)
@@ -299,11 +300,9 @@ class PolicyRules:
                     c._wait(deadline, f"budget change waiting for {job.cand.variant!r} to "
                                       f"load for {job.st.name!r}")
 
-    def _await(self, st: _Model) -> _Entry:
+    def _await(self, st: _Model) -> Entry:
         """Wait for ``st``'s load (running it here if nobody has begun it); check a request
         into the entry it produces."""
-        from adaptive.cache import fresh
-
         c = self.c
         deadline = c._deadline()
         waited: _Job | None = None
@@ -368,9 +367,7 @@ class PolicyRules:
             if session is None:  # dropped while it waited for memory
                 c._unreserve(hold, loading=False)
             elif job.discard or st.job is not job or c._closed:
-                from adaptive.cache import _Entry
-
-                release = _Entry(st.name, cand, session, hold)
+                release = Entry(st.name, cand, session, hold)
                 c._ledger.retire(hold)
                 release.retired = release.releasing = True
             else:

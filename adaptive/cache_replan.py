@@ -35,9 +35,10 @@ from adaptive.admission import (
 )
 from adaptive.errors import AdaptiveError
 from adaptive.select import Candidate, check_feasible
+from adaptive.sessions import Entry, fresh
 
 if TYPE_CHECKING:
-    from adaptive.cache import VariantCache, _Entry, _Model
+    from adaptive.cache import VariantCache, _Model
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class ReplanRules:
     def rate(self, st: _Model, now: float) -> float:
         return self.rates.rate(st.index, now)
 
-    def enter(self, st: _Model) -> tuple[_Entry, str, float]:
+    def enter(self, st: _Model) -> tuple[Entry, str, float]:
         c = self.c
         with c._lock:
             c._count_request(st)
@@ -116,10 +117,8 @@ class ReplanRules:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _acquire_cold(self, st: _Model) -> _Entry:
+    def _acquire_cold(self, st: _Model) -> Entry:
         """Wait for (or make) a load of ``st``; return its entry with a request checked in."""
-        from adaptive.cache import fresh
-
         c = self.c
         deadline = c._deadline()
         with c._lock:
@@ -170,7 +169,7 @@ class ReplanRules:
         while self.planning:
             if st is not None and (st.current is not None or c._closed):
                 return False
-            c._wait(deadline, f"waiting for the re-plan in progress"
+            c._wait(deadline, "waiting for the re-plan in progress"
                               + (f" to load {st.name!r}" if st is not None else ""))
         if st is not None and (st.current is not None or c._closed):
             return False

@@ -3,8 +3,8 @@ result beside the simulator's, to validate the simulator.
 
 Both sides make the same decisions: the cache runs the same registered policy
 (:mod:`adaptive.cache_policy` drives it on a mirror of the cache) and its clock is the trace's
-timestamps, so decisions follow trace time while requests run back to back without sleeping. What differs is what the simulator can only
-assume: how long loads, swaps and runs really take.
+timestamps, so decisions follow trace time while requests run back to back without sleeping.
+What differs is what the simulator can only assume: how long loads, swaps and runs take.
 
 * Every trace model is its own cache model (its own sessions and memory) backed by a stored
   model's variants: itself when the store has it, else the store's models round-robin

@@ -195,7 +195,8 @@ def test_floors_are_never_violated(store, refs):
 
 def test_downgrade_on_budget_drop_keeps_models_served(store, refs):
     audit = []
-    cache = make(store, policy="memadapt-v1", audit=lambda used, budget: audit.append((used, budget)))
+    cache = make(store, policy="memadapt-v1",
+                 audit=lambda used, budget: audit.append((used, budget)))
     for m in CANDS:
         cache.infer(m, INPUTS[m][0])
     assert cache.resident_bytes() == 1050
@@ -257,7 +258,8 @@ def test_cold_load_downgrades_others_before_evicting(store):
 
 def test_rates_follow_the_fake_clock_and_drive_rebalance(store):
     clock = FakeClock()
-    cache = make(store, policy="memadapt-v1", budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock)
+    cache = make(store, policy="memadapt-v1",
+                 budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock)
     for _ in range(10):
         cache.infer("resnet10", INPUTS["resnet10"][0])
     cache.infer("bert-tiny", INPUTS["bert-tiny"][0])
@@ -282,7 +284,8 @@ def test_rates_follow_the_fake_clock_and_drive_rebalance(store):
 
 def test_background_thread_rebalances_on_its_interval(store):
     clock = FakeClock()
-    cache = make(store, policy="memadapt-v1", budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock,
+    cache = make(store, policy="memadapt-v1",
+                 budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock,
                  rebalance_interval_s=0.01)
     for _ in range(10):
         cache.infer("resnet10", INPUTS["resnet10"][0])
@@ -297,7 +300,8 @@ def test_background_thread_rebalances_on_its_interval(store):
 
 def test_hysteresis_skips_small_gains(store):
     clock = FakeClock()
-    cache = make(store, policy="memadapt-v1", budget=550, hysteresis=0.5, clock=clock, ewma_halflife_s=10.0)
+    cache = make(store, policy="memadapt-v1",
+                 budget=550, hysteresis=0.5, clock=clock, ewma_halflife_s=10.0)
     for _ in range(10):
         cache.infer("resnet10", INPUTS["resnet10"][0])
     cache.infer("bert-tiny", INPUTS["bert-tiny"][0])
@@ -393,7 +397,8 @@ def test_aliases_serve_many_models_from_one_base(store, refs):
 def test_schedule_replans_on_requests_in_clock_time(store):
     clock = FakeClock()
     schedule = ReplanSchedule(tick_s=10.0, min_interval_s=0.0, max_interval_s=1000.0, drift=0.25)
-    cache = make(store, policy="memadapt-v1", budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock,
+    cache = make(store, policy="memadapt-v1",
+                 budget=550, hysteresis=0.0, ewma_halflife_s=10.0, clock=clock,
                  loader=lambda *a: _Null(), schedule=schedule)
     for _ in range(10):
         cache.infer("resnet10", None)
@@ -407,7 +412,8 @@ def test_schedule_replans_on_requests_in_clock_time(store):
 
 
 def test_without_prefetch_a_replan_loads_nothing(store):
-    cache = make(store, policy="memadapt-v1", budget=SMALLEST_SET - 20, prefetch=False, hysteresis=0.0,
+    cache = make(store, policy="memadapt-v1",
+                 budget=SMALLEST_SET - 20, prefetch=False, hysteresis=0.0,
                  loader=lambda *a: _Null())
     for m in CANDS:
         cache.infer(m, None)
@@ -442,7 +448,8 @@ def test_decisions_match_the_simulators_memadapt(store, kind):
     assert sim.rejected == 0
 
     clock = FakeClock()
-    cache = make(store, policy="memadapt-v1", budget=2000, candidates=cands, aliases=aliases, floors=floors,
+    cache = make(store, policy="memadapt-v1",
+                 budget=2000, candidates=cands, aliases=aliases, floors=floors,
                  loader=lambda *a: _Null(), clock=clock, ewma_halflife_s=pol.tau_s * np.log(2),
                  hysteresis=pol.gain, prefetch=pol.prefetch, schedule=pol.schedule)
     changes = list(zip(budget.timestamps.tolist()[1:], budget.budget_bytes.tolist()[1:]))

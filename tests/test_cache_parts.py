@@ -13,13 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive import Candidate, VariantCache
-from adaptive.errors import AdaptiveError
 from adaptive.cache_config import CacheConfig
-from adaptive.errors import CacheTimeout
+from adaptive.errors import AdaptiveError, CacheTimeout
 from adaptive.hosttier import HostTier
 from adaptive.ledger import ByteLedger, LedgerError
-from tests.test_cache import CANDS, EVERYTHING, INPUTS, FakeClock, check, make, wait_until
-from tests.test_cache import refs, store  # noqa: F401 - fixtures
+from tests.test_cache import (  # noqa: F401,F811 - fixtures
+    CANDS,
+    EVERYTHING,
+    INPUTS,
+    FakeClock,
+    check,
+    make,
+    refs,
+    store,
+    wait_until,
+)
 
 # --- the ledger ------------------------------------------------------------------------------
 

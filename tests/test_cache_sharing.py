@@ -98,7 +98,8 @@ def test_groups_are_charged_once_and_come_back_with_the_last_holder(task_store):
     cands = {m: [SharedCandidate(m, 10, 0.95, groups={"backbone"}),
                  Candidate(f"{m}+exit1", 60, 0.85)] for m in ("task-a", "task-b")}
     seen = []
-    cache = VariantCache(task_store, policy="memadapt-v1", candidates=cands, groups={"backbone": 100}, budget=130,
+    cache = VariantCache(task_store, policy="memadapt-v1",
+                         candidates=cands, groups={"backbone": 100}, budget=130,
                          loader=loader, audit=lambda r, b: seen.append((r, b)),
                          pin_allocator=False, verify=False)
     assert cache.infer("task-a", None).variant == "task-a"
@@ -130,7 +131,8 @@ def test_without_sharing_the_second_model_pushes_the_first_down(task_store):
 
     cands = {m: [Candidate(m, 110, 0.95), Candidate(f"{m}+exit1", 20, 0.85)]
              for m in ("task-a", "task-b")}
-    cache = VariantCache(task_store, policy="memadapt-v1", candidates=cands, budget=130, loader=loader,
+    cache = VariantCache(task_store, policy="memadapt-v1",
+                         candidates=cands, budget=130, loader=loader,
                          pin_allocator=False, verify=False)
     cache.infer("task-a", None)
     cache.infer("task-b", None)
@@ -147,7 +149,8 @@ def test_share_weights_holds_the_backbone_once_in_real_tensors(task_store):
     backbone = sum(sg.groups.values())
     budget = a + b - backbone + 2 * EXTRA + 1000  # both full only if the backbone is shared
     seen = []
-    with VariantCache(task_store, policy="memadapt-v1", backend="torch", candidates=cands, budget=budget,
+    with VariantCache(task_store, policy="memadapt-v1",
+                      backend="torch", candidates=cands, budget=budget,
                       share_weights=True, audit=lambda r, bb: seen.append((r, bb))) as cache:
         refs = {m: variants.open_session(task_store, m, backend="torch").run(_ids(3))
                 for m in ("task-a", "task-b")}
@@ -204,7 +207,8 @@ def test_shared_sessions_under_concurrent_swaps(task_store):
                     errors.append(e)
             k += 1
 
-    cache = VariantCache(task_store, policy="memadapt-v1", backend="torch", candidates=cands, budget=full,
+    cache = VariantCache(task_store, policy="memadapt-v1",
+                         backend="torch", candidates=cands, budget=full,
                          share_weights=True)
     threads = [threading.Thread(target=client, args=(m,)) for m in ("task-a", "task-b") * 2]
     for t in threads:
