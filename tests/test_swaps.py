@@ -4,7 +4,9 @@ torch backend's host form. Real ONNX files and real onnxruntime sessions on tiny
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -52,6 +54,19 @@ def _x(name: str):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+@contextlib.contextmanager
+def _emptied(path):
+    """``path`` replaced by an empty file for the duration (the original moved aside, so
+    sessions mapping it keep their pages)."""
+    aside = path.with_name(path.name + ".aside")
+    os.replace(path, aside)
+    try:
+        path.write_bytes(b"")
+        yield
+    finally:
+        os.replace(aside, path)
+
+
 def _ref(store, name):
     return open_onnx(store.get(name).onnx_path).run(_x(name))
 
@@ -89,17 +104,12 @@ def test_host_form_reloads_without_reading_the_tensor_file(store, tmp_path):
     form = host_form(m, "onnxruntime", "cpu")
     assert isinstance(form, OrtHostForm)
     assert host_nbytes(form) == len(form.graph_bytes) + form.graph.nbytes
-    path = form.graph.tensors_path
-    saved = path.read_bytes()
-    try:
-        path.write_bytes(b"")  # a session that read the tensors from the file would fail
+    with _emptied(form.graph.tensors_path):  # a session reading the file would fail
         s = ORT(m, source=form)
         np.testing.assert_allclose(s.run(_x("resnet10")), _ref(store, "resnet10"),
                                    rtol=1e-4, atol=1e-4)
         with pytest.raises(BackendError):
             ORT(m)  # from the file: ORT reads the (now empty) tensor file
-    finally:
-        path.write_bytes(saved)
 
 
 def test_plain_onnx_bytes_still_load(store):
@@ -141,13 +151,8 @@ def test_downgrade_to_an_exit_takes_the_prefix_from_the_pool(store):
     head = ort_host_form(ex, exclude=pool.held(index.values()))
     shared = pool.held(index.values())
     assert shared and set(head.arrays) == {n for n, k in index.items() if k not in shared}
-    path = head.graph.tensors_path
-    saved = path.read_bytes()
-    try:
-        path.write_bytes(b"")
+    with _emptied(head.graph.tensors_path):
         small = ORT(ex, pool=pool, source=head)
-    finally:
-        path.write_bytes(saved)
     assert small.read_bytes == sum(a.nbytes for a in head.arrays.values())
     before = pool.bytes()
     resident.close()

@@ -107,6 +107,22 @@ class OptimizedGraph:
         """Content key of every external tensor, by name."""
         return {t.name: t.key for t in self.tensors}
 
+    def map(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """The tensors named (all by default) as copy-on-write maps of the file: no byte is
+        read until a session touches it, pages stay shared with the page cache, and a tensor
+        only a few rows of which are used (an embedding table) costs those rows. Tensors
+        whose offset is not 64-byte aligned are read instead."""
+        import numpy as np
+
+        want = set(self.index()) if names is None else set(names)
+        aligned = [t for t in self.tensors if t.name in want and t.offset % 64 == 0
+                   and t.length > 0]
+        out = self.read(want - {t.name for t in aligned})
+        for t in aligned:
+            out[t.name] = np.memmap(self.tensors_path, dtype=t.dtype, mode="c",
+                                    offset=t.offset, shape=t.shape)
+        return out
+
     def read(self, names: Iterable[str] | None = None) -> dict[str, Any]:
         """The tensors named (all by default) as fresh numpy arrays, read from the file."""
         import numpy as np
@@ -329,14 +345,14 @@ def take_arrays(graph: OptimizedGraph, *, source: OrtHostForm | None = None,
     have = source.arrays if source is not None else {}
     missing = [t.name for t in graph.tensors if t.name not in have]
 
-    def read(names: list[str]) -> dict[str, Any]:
+    def fetch(names: list[str]) -> dict[str, Any]:
         need = [n for n in names if n not in have]
-        got = graph.read(need) if need else {}
+        got = graph.map(need) if need else {}
         return {n: (have[n] if n in have else got[n]) for n in names}
 
     if pool is None:
-        return (dict(have) if not missing else read([t.name for t in graph.tensors])), None
-    return pool.take_arrays(graph.index(), read, name=name)
+        return (dict(have) if not missing else fetch([t.name for t in graph.tensors])), None
+    return pool.take_arrays(graph.index(), fetch, name=name)
 
 
 def check_pool_device(pool, device: str) -> None:
