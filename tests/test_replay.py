@@ -76,6 +76,24 @@ def test_replay_matches_the_simulator(store, trace, budget):
     assert {m["name"] for m in d["metrics"]} >= {"miss_rate", "mean_latency_s", "p99_latency_s"}
 
 
+@pytest.mark.parametrize("policy", ["infaas", "lru", "memadapt-v1"])
+def test_every_policy_replays_as_simulated(store, trace, budget, policy):
+    """The real cache runs the simulator's policy: the same misses, stalls and evictions."""
+    report = replay(store, trace, budget=budget, policy=policy, max_requests=200)
+    assert report.policy == policy and report.failures == 0 and not report.errors
+    for name in ("miss_rate", "stall_rate"):
+        m = report.metric(name)
+        assert abs(m.real - m.simulated) <= max(0.1 * m.simulated, 0.01), (name, m)
+    assert report.metric("evictions").real == report.metric("evictions").simulated > 0
+    assert report.metric("mean_accuracy").real == pytest.approx(
+        report.metric("mean_accuracy").simulated, abs=1e-9)
+    assert report.plan_budget_bytes <= budget
+    with pytest.raises(AdaptiveError, match="offline"):
+        replay(store, trace, budget=budget, policy="belady")
+    with pytest.raises(AdaptiveError, match="unknown policy 'nope'"):
+        replay(store, trace, budget=budget, policy="nope")
+
+
 def test_max_requests_floors_and_errors(store, trace, budget):
     # bert-tiny's int8 variant (fidelity just under 1) is below a floor of 1.0: the trace
     # models it backs may only run the base, except svc0, whose own floor overrides
@@ -117,6 +135,17 @@ def test_cli_prints_the_side_by_side_table(store, trace, budget, tmp_path):
     assert out["requests"] == 60 and out["failures"] == 0
     miss = next(m for m in out["metrics"] if m["name"] == "miss_rate")
     assert miss["real"] == pytest.approx(miss["simulated"])
+    r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
+                             "--budget", f"{budget}B", "--max-requests", "60", "--policy",
+                             "infaas", "--policy", "lru", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert [rep["policy"] for rep in out["reports"]] == ["infaas", "lru"]
+    assert all({m["name"] for m in rep["metrics"]} >= {"miss_rate", "stall_rate",
+                                                       "slo_attainment"} for rep in out["reports"])
+    r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
+                             "--budget", f"{budget}B", "--policy", "belady"])
+    assert r.exit_code == 2 and "offline" in r.output
     r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
                              "--budget", "1B", "--max-requests", "120"])
     assert r.exit_code == 0, r.output  # nothing fits: every request fails, the report says so
