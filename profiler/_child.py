@@ -71,6 +71,10 @@ def measure(req: dict[str, Any], result: dict[str, Any]) -> None:
 
     threads = req.get("threads")
     result["threads"] = int(threads or default_threads())
+    if req["backend"] == "torch" and threads:
+        import torch  # this child owns its process: torch's threads are process-wide
+
+        torch.set_num_threads(int(threads))
     meter: Any = CudaMeter(index, os.getpid(), torch=backend == "torch") if cuda \
         else PeakMeter()
     result["memory_method"] = meter.method

@@ -297,6 +297,9 @@ def torch_host_form(manifest, device: str = "cpu") -> TorchHostForm:
     return TorchHostForm(tensors)
 
 
+_WARNED_THREADS: list[bool] = []
+
+
 @register_backend("torch")
 def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
                    source: Any = None, pool: Any = None) -> Session:
@@ -312,8 +315,12 @@ def _torch_backend(manifest, device: str = "cpu", threads: int | None = None,
 
     from variants.families import get_family
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    if threads and int(threads) != torch.get_num_threads() and not _WARNED_THREADS:
+        # torch's intra-op threads are process-wide: a library must not change them
+        _WARNED_THREADS.append(True)
+        log.warning("torch backend: threads=%s is not applied per session (torch's intra-op "
+                    "threads are process-wide, %d now); call torch.set_num_threads yourself",
+                    threads, torch.get_num_threads())
     fam = get_family(manifest.family)
     names = [i["name"] for i in manifest.inputs]
     if pool is not None:
