@@ -27,9 +27,9 @@ served by anyone and are left out, as the simulator's ``miss_rate`` leaves them 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np

@@ -2,7 +2,9 @@
 
 No single order wins everywhere: recency (LRU) wins on bursty traffic, where a model asked for
 now is asked for again soon; frequency per byte (GDSF-like: decayed request rate / bytes)
-wins on stable popularity, where recency evicts a hot model after one unlucky gap. Like ARC and
+wins on shifting popularity, where recency evicts a hot model after one unlucky gap; long-run
+frequency per byte (requests since the model was first seen, per second and byte) wins on
+stable popularity, where a decayed count of a rarely asked model is mostly noise. Like ARC and
 LeCaR, :class:`EvictionExperts` runs one cheap *ghost* cache per order beside the real one
 (model ids only, each at its smallest eligible size, under the same budget), counts each
 ghost's misses with exponential decay, and ranks real residents by the order whose ghost has
@@ -20,7 +22,7 @@ from adaptive.admission import Rates
 __all__ = ["ORDERS", "EvictionExperts"]
 
 #: the eviction orders the experts compare, in tie-break order
-ORDERS = ("gdsf", "lru")
+ORDERS = ("gdsf", "lru", "lfu")
 
 
 class EvictionExperts:
@@ -30,7 +32,7 @@ class EvictionExperts:
     forgotten."""
 
     __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_lru_used",
-                 "_gd", "_gd_used", "_logsize", "wins")
+                 "_gd", "_gd_used", "_lf", "_lf_used", "_logsize", "wins", "total", "first")
 
     def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0):
         self.sizes = [float(s) for s in sizes]
@@ -42,6 +44,10 @@ class EvictionExperts:
         self._lru_used = 0.0
         self._gd: dict[int, None] = {}
         self._gd_used = 0.0
+        self._lf: dict[int, None] = {}
+        self._lf_used = 0.0
+        self.total = [0] * len(self.sizes)  # requests since first seen
+        self.first = [0.0] * len(self.sizes)
         self._logsize = [math.log(max(s, 1.0)) if math.isfinite(s) else math.inf
                          for s in self.sizes]
         self.wins = [0] * len(ORDERS)  # times each order ranked a real eviction
@@ -49,6 +55,9 @@ class EvictionExperts:
     def request(self, m: int, t: float, budget: float) -> None:
         """Request for model ``m`` at ``t`` under ``budget`` bytes: update every ghost."""
         size = self.sizes[m]
+        if not self.total[m]:
+            self.first[m] = t
+        self.total[m] += 1
         if t > self.last_t:
             f = 0.5 ** ((t - self.last_t) / self.half_life_s)
             self.score = [s * f for s in self.score]
@@ -76,6 +85,21 @@ class EvictionExperts:
                 self._gd_used -= self.sizes[v]
             gd[m] = None
             self._gd_used += size
+        lf = self._lf
+        if m not in lf:
+            self.score[2] += 1.0
+            lkey = self._long_key(t)
+            while self._lf_used + size > budget and lf:
+                v = min(lf, key=lkey)
+                del lf[v]
+                self._lf_used -= self.sizes[v]
+            lf[m] = None
+            self._lf_used += size
+
+    def _long_key(self, t: float):
+        """Long-run requests per second and byte, as a log (smaller: given up first)."""
+        total, first, ls, tau = self.total, self.first, self._logsize, self.rates.tau_s
+        return lambda r: math.log(total[r] / max(t - first[r], tau)) - ls[r]
 
     def shrink(self, budget: float) -> None:
         """The budget dropped: the ghosts give up what no longer fits, each in its order."""
@@ -87,6 +111,11 @@ class EvictionExperts:
             v = min(self._gd, key=lambda r: key[r] - ls[r])
             del self._gd[v]
             self._gd_used -= self.sizes[v]
+        lkey = self._long_key(self.last_t)
+        while self._lf_used > budget and self._lf:
+            v = min(self._lf, key=lkey)
+            del self._lf[v]
+            self._lf_used -= self.sizes[v]
 
     def order(self) -> int:
         """Index into :data:`ORDERS` of the order whose ghost missed least lately."""
@@ -103,5 +132,7 @@ class EvictionExperts:
         if ORDERS[k] == "lru":
             last = self.rates.last
             return min(candidates, key=last.__getitem__)
+        if ORDERS[k] == "lfu":
+            return min(candidates, key=self._long_key(self.last_t))
         key, ls = self.rates.key, self._logsize
         return min(candidates, key=lambda r: key[r] - ls[r])

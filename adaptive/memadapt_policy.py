@@ -12,9 +12,10 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   break-before-make (its requests that arrive during the smaller variant's load stall:
   ``rate x load_s``), or a resident is evicted (it misses if it comes back within
   ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
-  :class:`~adaptive.experts.EvictionExperts` (recency or frequency per byte, whichever has
-  missed less lately on shadow caches). With ``defer``, a miss may instead wait for a hotter
-  model's make-before-break downgrade (nobody stalls; within the SLO when it has one) --
+  :class:`~adaptive.experts.EvictionExperts` (recency, decayed or long-run frequency per
+  byte, whichever has missed least lately on shadow caches). With ``defer``, a miss may
+  instead wait for a hotter model's make-before-break downgrade (nobody stalls; within the
+  SLO when it has one) --
   off by default: room is needed when memory is full, so that downgrade rarely fits, and on
   the benchmark its knock-on effects cost more than it saved.
 * **Upgrades** are make-before-break (the old variant serves while the new one loads, both
