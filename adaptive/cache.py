@@ -83,9 +83,9 @@ class InferResult:
     cold: bool
     latency_s: float
     stalled: bool = False
-    #: how long the request would have waited for a load that, on the cache's clock, ended
-    #: after it arrived: 0 on a real-time clock; on a replay's trace clock (which does not
-    #: advance while a load runs) the wait real time would have had
+    #: with ``CacheConfig.trace_clock`` (a replay's clock, which does not advance while a
+    #: load runs): how long the request would have waited, in real time, for a load that on
+    #: that clock ended after it arrived; else 0
     queued_s: float = 0.0
 
 
@@ -612,7 +612,7 @@ class VariantCache:
         """Lock held: how a request finding ``st`` resident at ``now`` counts: a hit, unless
         the load that made it resident ended after ``now`` on the clock (see
         :attr:`InferResult.queued_s`)."""
-        if now < st.ready_at:
+        if now < st.ready_at and self.config.trace_clock:
             return st.ready_kind, st.ready_at - now
         return "hits", 0.0
 
@@ -701,6 +701,15 @@ class VariantCache:
                     return hold
                 if self._host_holds:
                     self._host.popitem()
+                    continue
+                freed = self._rules.make_room()
+                if freed:  # the policy had already let these go: release them, try again
+                    self._lock.release()
+                    try:
+                        for e in freed:
+                            self._release(e)
+                    finally:
+                        self._lock.acquire()
                     continue
                 if not wait or not (led.freeable() > 0 or self._loading > 0):
                     return None

@@ -57,6 +57,9 @@ class CacheConfig:
     ``swap_workers`` threads make swaps and loads the policy asks for besides a request's own
     load (0: the request that caused them makes them, after its own result: deterministic,
     as :func:`adaptive.replay.replay` needs). ``threads``: intra-op threads per session.
+    ``trace_clock``: the injected clock is a trace's (it does not advance while a load runs,
+    as in a replay): a request arriving, on that clock, before the load it needs would have
+    ended counts as waiting for it (:attr:`~adaptive.cache.InferResult.queued_s`).
 
     **Memory**: ``keep_host_bytes`` keeps what a re-load needs in host memory (the host
     tier). Without ``host_budget`` its bytes are charged to the budget (on CPU it is the same
@@ -91,6 +94,7 @@ class CacheConfig:
     charge_load_peak: bool = True
     pin_allocator: bool = False
     verify: bool = True
+    trace_clock: bool = False
 
     def __post_init__(self) -> None:
         from adaptive.admission import ReplanSchedule

@@ -100,6 +100,23 @@ class PolicyRules:
             return entry, kind, queued
         return self._await(st), "stalls" if stalled else "misses", 0.0
 
+    def make_room(self) -> list[Entry]:
+        """Lock held, a load does not fit: break the variants the policy already counts as
+        replaced (a make-before-break swap the mirror completed on its estimate while the
+        real one waits in the queue), so the real cache holds no more than the mirror. The
+        entries the caller must release are returned."""
+        out: list[Entry] = []
+        state = self.driver.state
+        for st in self.c._models.values():
+            job = st.job
+            if (job is not None and job.mbb and job.state == "queued" and not job.discard
+                    and st.current is not None
+                    and state.res[st.index] == st.index_of[job.cand.variant]):
+                job.mbb = False
+                self._retire(st, stall=True)
+        out, self.releases = self.releases, []
+        return out
+
     def after_request(self) -> None:
         self._flush()
         if not self.c.config.swap_workers:
@@ -180,15 +197,19 @@ class PolicyRules:
                 c._counts["evictions"] += 1
             st.stalling = False
             return
-        if beside is not None:  # make-before-break under way: the serving variant stays
-            if job is not None and job.cand is beside:
-                return
-            if cur is None:  # still loading what serves: the side load comes after it
-                if job is None or job.cand is not serve:
+        if beside is not None:  # make-before-break under way beside what serves
+            if cur is not serve:  # the real cache must get to ``serve`` first
+                if job is not None and job.cand is serve:  # under way (a swap the mirror
+                    if tg.bbm and st.current is not None:  # completed on its estimate)
+                        self._retire(st, stall=True)
+                else:  # nothing serves it yet, or what serves is no longer charged
                     if job is not None:
                         self._drop(job)
-                    job = self._start(st, serve, mbb=False, old=None, requester=requester)
+                    self._retire(st, stall=True)
+                    job = self._start(st, serve, mbb=False, old=cur, requester=requester)
                 job.then = beside
+                return
+            if job is not None and job.cand is beside:
                 return
             if job is not None:
                 self._drop(job)

@@ -103,6 +103,9 @@ class ReplanRules:
     def after_request(self) -> None:
         pass
 
+    def make_room(self) -> list[Entry]:
+        return []
+
     def rebalance(self, force: bool) -> bool:
         with self._planner():
             return self._rebalance(force)

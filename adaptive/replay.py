@@ -190,7 +190,7 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
         floors={d.model: d.floor for d in demands},
         slos={d.model: d.slo_s for d in demands if d.slo_s is not None},
         candidates={d.model: list(d.candidates) for d in demands}, aliases=base_of,
-        max_batch=batch, clock=lambda: now[0], threads=threads, swap_workers=0,
+        max_batch=batch, clock=lambda: now[0], threads=threads, swap_workers=0, trace_clock=True,
         rebalance_interval_s=None, **settings)
     plan_budget = cache.plan_budget
     log.info("simulating %d requests over %d models with %s", len(trace), len(demands), policy)

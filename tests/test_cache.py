@@ -315,41 +315,48 @@ def test_hysteresis_skips_small_gains(store):
     cache.close()
 
 
+def _recording_loader(sources):
+    from variants.backends import get_backend
+
+    def loader(manifest, device, backend, source):
+        sources.append((manifest.name, source))
+        return get_backend(backend)(manifest, device=device, threads=1, source=source)
+
+    return loader
+
+
+def _host_size(store, variant):
+    from variants.backends import host_form, host_nbytes
+
+    return host_nbytes(host_form(store.get(variant), "onnxruntime", "cpu"))
+
+
 def test_keep_host_bytes_reloads_from_memory(store, refs):
     sources = []
-
-    def loader(manifest, device, backend, source_bytes):
-        sources.append((manifest.name, source_bytes))
-        return variants.open_onnx(source_bytes, device=device, threads=1, variant=manifest.name)
-
-    cache = make(store, keep_host_bytes=True, loader=loader)
+    cache = make(store, policy="memadapt-v1", keep_host_bytes=True, host_budget="1GiB",
+                 loader=_recording_loader(sources))
     cache.infer("resnet10", INPUTS["resnet10"][0])
-    size = store.get("resnet10").bytes
+    size = _host_size(store, "resnet10")
     assert cache.stats().host_bytes == size
-    cache.set_budget(300)  # resnet10 goes to fp16 (its bytes join the host tier)
+    cache.set_budget(300)  # resnet10 goes to fp16 (its host form joins the tier)
     cache.set_budget(EVERYTHING)
     cache.rebalance(force=True)  # back to the base: from host memory, not the file
     res = cache.infer("resnet10", INPUTS["resnet10"][1])
     assert res.variant == "resnet10"
     check(res, refs, 1)
     assert [name for name, _ in sources] == ["resnet10", "resnet10+fp16", "resnet10"]
-    assert all(isinstance(b, bytes) for _, b in sources)
-    assert sources[2][1] is sources[0][1]  # the very bytes kept from the first load
-    assert cache.stats().host_bytes == size + store.get("resnet10+fp16").bytes
+    assert all(src is not None for _, src in sources)
+    assert sources[2][1] is sources[0][1]  # the very host form kept from the first load
+    assert cache.stats().host_bytes == size + _host_size(store, "resnet10+fp16")
     cache.close()
     assert cache.stats().host_bytes == 0
 
 
 def test_host_budget_bounds_the_host_tier(store):
     sources = []
-
-    def loader(manifest, device, backend, source_bytes):
-        sources.append((manifest.name, source_bytes))
-        return variants.open_onnx(source_bytes, device=device, threads=1, variant=manifest.name)
-
-    size, small = store.get("resnet10").bytes, store.get("resnet10+fp16").bytes
-    assert small < size
-    cache = make(store, keep_host_bytes=True, host_budget=size + small - 1, loader=loader)
+    size, small = _host_size(store, "resnet10"), _host_size(store, "resnet10+fp16")
+    cache = make(store, policy="memadapt-v1", keep_host_bytes=True,
+                 host_budget=size + small - 1, loader=_recording_loader(sources))
     cache.infer("resnet10", INPUTS["resnet10"][0])
     cache.set_budget(300)  # fp16 joins the host tier; both do not fit: the older goes
     assert cache.stats().host_bytes == small
@@ -363,6 +370,25 @@ def test_host_budget_bounds_the_host_tier(store):
         make(store, host_budget="1GiB")
     with pytest.raises(AdaptiveError, match="host_budget"):
         make(store, keep_host_bytes=True, host_budget="lots")
+
+
+def test_host_tier_without_its_own_budget_is_charged_and_gives_way(store, refs):
+    """Without host_budget the tier shares the budget: its bytes are charged, and dropped
+    before a load waits for memory."""
+    sources = []
+    size = _host_size(store, "resnet10")
+    cands = {"resnet10": [Candidate("resnet10", size, 0.95)],
+             "bert-tiny": [Candidate("bert-tiny", size, 0.92)]}
+    audit = []
+    cache = make(store, candidates=cands, budget=3 * size, keep_host_bytes=True, policy="lru",
+                 loader=_recording_loader(sources), audit=lambda u, b: audit.append((u, b)))
+    check(cache.infer("resnet10", INPUTS["resnet10"][0]), refs)
+    assert cache.stats().host_bytes == size and cache.resident_bytes() == 2 * size
+    check(cache.infer("bert-tiny", INPUTS["bert-tiny"][0]), refs)  # the host entry gives way
+    assert cache.stats().host_bytes <= size and cache.resident_bytes() <= 3 * size
+    assert all(used <= budget for used, budget in audit)
+    cache.close()
+    assert cache.resident_bytes() == 0
 
 
 # --- the simulator's decisions ----------------------------------------------------------------
