@@ -525,6 +525,13 @@ class VariantCache:
             self._rules.apply_budget(value)
             return True
 
+    def evict(self, model: str) -> bool:
+        """Take ``model`` out of memory now (its running requests finish first; the next
+        request loads it again, as the policy decides). True if it was resident."""
+        st = self._model(model)
+        self._check_open()
+        return self._rules.evict(st)
+
     def rebalance(self, *, force: bool = False) -> bool:
         """Re-plan now (``memadapt-v1``: with the current request rates, applying the plan
         unless it gains less than ``hysteresis``; other policies decide on every request and

@@ -130,6 +130,14 @@ class PolicyRules:
         self.after_request()
         return bool(changes)
 
+    def evict(self, st: _Model) -> bool:
+        c = self.c
+        with c._lock:
+            held = st.current is not None or st.job is not None
+            self._follow(self.driver.evict(st.index), requester=None)
+        self._flush()
+        return held
+
     def apply_budget(self, value: int) -> None:
         c = self.c
         with c._lock:

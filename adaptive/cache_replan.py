@@ -110,6 +110,15 @@ class ReplanRules:
         with self._planner():
             return self._rebalance(force)
 
+    def evict(self, st: _Model) -> bool:
+        c = self.c
+        with self._planner():
+            if not c._retire_current(st):
+                return False
+            with c._lock:
+                c._counts["evictions"] += 1
+            return True
+
     def apply_budget(self, value: int) -> None:
         with self._planner():
             self._apply_budget(value)

@@ -307,3 +307,18 @@ def test_load_peak_is_charged_while_loading(store):
     assert cache.resident_bytes() == 700 and max(audit) <= 1000
     cache.close()
     np.testing.assert_equal(cache.resident_bytes(), 0)
+
+
+@pytest.mark.parametrize("policy", ["memadapt", "memadapt-v1"])
+def test_evict_frees_one_model_and_the_next_request_loads_it(store, refs, policy):
+    cache = make(store, policy=policy)
+    cache.infer("resnet10", INPUTS["resnet10"][0])
+    cache.infer("bert-tiny", INPUTS["bert-tiny"][0])
+    assert cache.evict("resnet10") and not cache.evict("resnet10")
+    assert set(cache.resident()) == {"bert-tiny"}
+    assert cache.resident_bytes() == sum(
+        c.memory_bytes for c in CANDS["bert-tiny"] if c.variant == cache.resident()["bert-tiny"])
+    res = cache.infer("resnet10", INPUTS["resnet10"][1])
+    assert res.cold
+    check(res, refs, 1)
+    cache.close()

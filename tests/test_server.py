@@ -193,6 +193,8 @@ def test_repository_unload_then_load(client):
     assert {r["state"] for r in index.values()} == {"READY"}
     client.unload_model("bert-tiny")
     assert not client.is_model_ready("bert-tiny")
+    index = {r["name"]: r for r in client.get_model_repository_index()}
+    assert index["bert-tiny"]["version"] == ""  # its memory is free: not resident
     with pytest.raises(InferenceServerException) as e:
         client.infer("bert-tiny", _inputs(_text()))
     assert _status(e) == 503 and "unloaded" in e.value.message()

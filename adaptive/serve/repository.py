@@ -165,8 +165,9 @@ class Repository:
             raise OIPError(500, f"model {model!r} failed to load: {e}") from None
 
     def unload(self, model: str) -> None:
-        """Refuse ``model``'s requests until :meth:`load`. Its variant stays resident until
-        the cache sheds it (VariantCache has no call to evict one model)."""
+        """Refuse ``model``'s requests until :meth:`load` and free its memory (requests
+        already running finish first)."""
         self.info(model)
         with self._lock:
             self._unloaded.add(model)
+        self.cache.evict(model)
