@@ -1,0 +1,96 @@
+"""Real replay vs simulation, per policy: does the real cache do what the simulator says?
+
+For each policy (memadapt, infaas, lru by default) a 30-model Azure-like trace runs through
+the real :class:`~adaptive.cache.VariantCache` (real onnxruntime sessions, the trace's clock,
+:func:`adaptive.replay.replay`) and through :func:`adaptive.simulate` with the same policy,
+candidates and planning budget. The store is the soak's (resnet18 and minilm with int8 and
+exit variants, profiled at batch 1 on one thread; ``benchmarks/soak.py`` builds it, or
+``--store``). Each trace model is its own cache model backed by one of the two stored models.
+
+``python benchmarks/replay_bench.py [--requests 3000] [--budget 600MiB] [--out DIR]`` writes
+``replay.json`` and ``replay.md`` to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", type=Path, default=None,
+                    help="a profiled store (built as benchmarks/soak.py builds it when missing)")
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--models", type=int, default=30)
+    ap.add_argument("--budget", default="600MiB")
+    ap.add_argument("--policy", action="append", default=None)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    policies = args.policy or ["memadapt", "infaas", "lru"]
+
+    from adaptive.replay import replay
+    from adaptive.traces import synth
+    from benchmarks.soak import build_store
+
+    tmp = None
+    if args.store is None:
+        tmp = tempfile.TemporaryDirectory(prefix="memadapt-replay-")
+        args.store = Path(tmp.name) / "store"
+    if not (args.store / "variants").is_dir():
+        print(f"generating and profiling the store in {args.store} ...", flush=True)
+        build_store(args.store)
+    names = [f"svc{i:02d}" for i in range(args.models)]
+    trace = synth("azure", names, args.requests, seed=args.seed, duration_s=3600)
+    rows = []
+    for p in policies:
+        print(f"replaying {len(trace)} requests with {p} ...", flush=True)
+        rep = replay(args.store, trace, budget=args.budget, policy=p, threads=1)
+        d = rep.to_dict()
+        rows.append({"policy": p, "requests": rep.requests, "served": rep.served,
+                     "failures": rep.failures, "budget_bytes": rep.budget_bytes,
+                     "plan_budget_bytes": rep.plan_budget_bytes, "wall_s": rep.wall_s,
+                     "metrics": d["metrics"], "real_counts": d["real_counts"],
+                     "errors": list(rep.errors)})
+    out = {"trace": {"kind": "azure", "models": args.models, "requests": args.requests,
+                     "seed": args.seed, "duration_s": 3600},
+           "budget": args.budget, "store": "resnet18 + minilm (int8, exit), batch 1, 1 thread",
+           "command": f"python benchmarks/replay_bench.py --requests {args.requests} "
+                      f"--budget {args.budget}",
+           "policies": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("replay.json", json.dumps(out, indent=2) + "\n"),
+                       ("replay.md", _markdown(out))):
+        tmp_path = args.out / (name + ".tmp")
+        tmp_path.write_text(text)
+        os.replace(tmp_path, args.out / name)
+    print(_markdown(out))
+    return 0
+
+
+def _markdown(out: dict) -> str:
+    lines = [f"# Real replay vs simulation ({out['trace']['requests']} requests, "
+             f"{out['trace']['models']} models, budget {out['budget']})", "",
+             f"`{out['command']}`", "",
+             "| policy | metric | simulated | real | difference |", "|---|---|---:|---:|---:|"]
+    for row in out["policies"]:
+        for m in row["metrics"]:
+            if m["name"] in ("miss_rate", "stall_rate", "slo_attainment", "mean_latency_s",
+                             "p99_latency_s", "evictions"):
+                diff = m["difference"]
+                lines.append(f"| {row['policy']} | {m['name']} | {m['simulated']:.4g} | "
+                             f"{m['real']:.4g} | "
+                             f"{'' if diff is None else format(diff, '+.1%')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
