@@ -97,9 +97,9 @@ class EvictionExperts:
             self._lf_used += size
 
     def _long_key(self, t: float):
-        """Long-run requests per second and byte, as a log (smaller: given up first)."""
-        total, first, ls, tau = self.total, self.first, self._logsize, self.rates.tau_s
-        return lambda r: math.log(total[r] / max(t - first[r], tau)) - ls[r]
+        """Long-run requests per second and byte (smaller: given up first)."""
+        total, first, sizes, tau = self.total, self.first, self.sizes, self.rates.tau_s
+        return lambda r: total[r] / (max(t - first[r], tau) * sizes[r])
 
     def shrink(self, budget: float) -> None:
         """The budget dropped: the ghosts give up what no longer fits, each in its order."""

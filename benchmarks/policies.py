@@ -4,15 +4,16 @@ For each population of model families (``benchmarks/populations/*.json``: the de
 measured families, CPU-served CNNs and sibling-model families built from published numbers),
 each trace kind (zipf, azure, bursty, diurnal) and each budget from 10% to 100% of the memory
 all models need at their most accurate variant, every registered policy replays the same trace
-over a population of models cloned from the families, beside the PFOO-L lower bound on misses
-(``bound``). Each cell gets :func:`adaptive.verdict.verdict`: does memadapt miss + stall no
-more than every online competitor (INFaaS first), meet SLOs as often, keep INFaaS's
-normalized accuracy, serve the highest effective accuracy, and how far is it from the bound.
+over a population of models cloned from the families, beside a lower bound on any policy's
+misses (``bound``: PFOO-L, tightened by pooled FOO-L where it is above the compulsory
+misses). Each cell gets :func:`adaptive.verdict.verdict`: does memadapt miss + stall no more
+than every online competitor (INFaaS first), meet SLOs as often, keep INFaaS's normalized
+accuracy, serve the highest effective accuracy, and how far is it from the bound.
 
 Writes ``results/policies.json`` (every row and verdict), ``results/policies.md`` (the
 headline, where it falls short and why, and the tables) and ``results/policies-<pop>.png``.
 
-Run:  python benchmarks/policies.py                    (about 15 min on 2 cores)
+Run:  python benchmarks/policies.py                    (about 5 min on 2 cores)
       python benchmarks/policies.py --quick            (one population, two traces, 2 min)
       python benchmarks/policies.py --profiles FILE.json   (your own families)
 """
@@ -155,8 +156,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{meta['models']} models cloned from each population's families, seed "
              f"{meta['seed']}; budgets are fractions of all models at their base variant. "
              f"Online competitors: {', '.join(['infaas'] + [p for p in comp if p != 'infaas'])}"
-             f"; references: belady (offline Belady-Size) and bound (PFOO-L lower bound on "
-             f"any policy's misses). Ablations: "
+             f"; references: belady (offline Belady-Size) and bound (lower bound on any "
+             f"policy's misses: PFOO-L, tightened by pooled FOO-L where it is above the "
+             f"compulsory misses; adaptive/bounds.py). Ablations: "
              f"{', '.join(p for p in pols if policy_class(p).ablation)}. "
              f"Sweep took {meta['sweep_s']:.0f} s.", "",
              "## Headline", "",
@@ -166,7 +168,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{s['normalized']}; highest effective accuracy: {s['effective']}; no floor "
              f"violations: {s['floors']}).", ""]
     if s["bound_ratio_max"] is not None:
-        lines += [f"Miss rate over the PFOO-L bound, where the bound is above the compulsory "
+        lines += [f"Miss rate over the bound, where the bound is above the compulsory "
                   f"misses: median {s['bound_ratio_median']:.2f}, worst "
                   f"{s['bound_ratio_max']:.2f} (offline Belady-Size: median "
                   f"{s['belady_bound_ratio_median']:.2f}).", ""]
