@@ -186,6 +186,37 @@ def measured(results: Path) -> str:
     rows.append(("In-place downgrade full -> exit@k (no file opened)",
                  ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} ms" for k, v in by.items()),
                  "`sharing.json` (`exits`)"))
+    o = sh.get("hosting_onnxruntime")
+    if o:
+        ro = o["runs"]
+        via = ro["shared"].get("via", "VariantCache")
+        rows.append(("Two MiniLM task models with `backend='onnxruntime'`, shared tensors "
+                     f"({'one `VariantCache`' if via == 'VariantCache' else via}) vs apart",
+                     f"{o['ratio_shared_over_separate']:.2f}x the RSS "
+                     f"({ro['shared']['rss_delta_bytes'] / 1e6:.0f} vs "
+                     f"{ro['separate']['rss_delta_bytes'] / 1e6:.0f} MB)",
+                     "`sharing.json` (`hosting_onnxruntime`)"))
+    if (results / "swaps.json").exists():
+        sw = _load(results, "swaps.json")
+        ms = 1e3
+        for r in sw["rows"]:
+            if r["model"] != "resnet50":
+                continue
+            rows.append((f"Bringing ResNet-50 ({r['bytes'] / 1e6:.0f} MB) back, load + first run "
+                         f"- a steady run, median of {r['repeats']} (onnxruntime CPU)",
+                         f"host tier {ms * r['host_reload_s']:.0f} ms, optimised graph from "
+                         f"file {ms * r['optimized_file_s']:.0f} ms, plain ONNX file "
+                         f"{ms * r['bare_file_s']:.0f} ms, memcpy of its bytes "
+                         f"{ms * r['memcpy_s']:.0f} ms; torch from its host form "
+                         f"{ms * r['torch_reload_s']:.0f} ms",
+                         "`benchmarks/swaps.py` -> `swaps.json`"))
+        for d in sw.get("downgrades", []):
+            rows.append((f"Downgrade {d['full']} -> {d['variant']} through onnxruntime sessions "
+                         f"sharing tensors ({d['bytes_read']} bytes read)",
+                         f"session open {ms * d['open_s']:.1f} ms (min "
+                         f"{ms * d['open_min_s']:.1f}), "
+                         f"{d['freed_bytes'] / 1e6:.0f} MB freed",
+                         "`swaps.json` (`downgrades`)"))
     lt = _load(results, "loadtest.json")
     rows.append((f"Load test: {lt['clients']} `tritonclient` clients for {lt['seconds']:.0f} s "
                  f"against `memadapt serve`, budget moved {lt['budget_changes']} times"
