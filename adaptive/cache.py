@@ -689,11 +689,12 @@ class VariantCache:
         return max(0, self._ledger.limit - self._headroom)
 
     def _reserve(self, st: _Model, cand: Candidate, *, wait: bool = True,
-                 deadline: float | None = None) -> Hold | None:
+                 deadline: float | None = None,
+                 abandoned: Callable[[], bool] | None = None) -> Hold | None:
         """Charge a load of ``cand`` (at its load peak) if it fits under the limit, dropping
         host-tier entries first. Waits (until ``deadline``) while draining sessions or loads
         in progress would make it fit; None when nothing would (or ``wait`` is False and it
-        does not fit now)."""
+        does not fit now, or ``abandoned()`` says the load is no longer wanted)."""
         k = st.index_of[cand.variant]
         private = st.private[k] + (st.excess[k] if self.config.charge_load_peak else 0)
         needs = st.needs[k]
@@ -718,7 +719,8 @@ class VariantCache:
                     finally:
                         self._lock.acquire()
                     continue
-                if not wait or not (led.freeable() > 0 or self._loading > 0):
+                if not wait or not (led.freeable() > 0 or self._loading > 0) or (
+                        abandoned is not None and abandoned()):
                     return None
                 self._wait(deadline, f"loading {cand.variant!r} for {st.name!r}: "
                                      f"{led.cost(private, needs)} bytes do not fit under "

@@ -372,7 +372,12 @@ class PolicyRules:
         st, cand = job.st, job.cand
         job.started = c.started()
         try:
-            hold = c._reserve(st, cand)
+            hold = c._reserve(st, cand, abandoned=lambda: job.discard)
+            if hold is None and job.discard:  # the policy gave it up meanwhile: no error
+                with c._lock:
+                    job.state = "done"
+                    c._cond.notify_all()
+                return
             if hold is None:
                 raise AdaptiveError(f"cannot load {cand.variant!r} for {st.name!r}: it does not "
                                     f"fit under the budget of {c._ledger.limit} bytes with what "
