@@ -362,7 +362,8 @@ class VariantCache:
                                     "Candidates and no groups=")
             from adaptive.catalog import share_candidates
 
-            checked, groups = share_candidates(self.store, checked)
+            checked, groups = share_candidates(self.store, checked, backend=self.backend,
+                                               device=self.device)
         self._groups = _checked_groups(checked, groups)
         for model, cands in checked.items():
             floor = floors.pop(model, 0.0)
