@@ -120,6 +120,59 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.0f}"
 
 
+def _why(ma: dict[str, Any], bl: dict[str, Any]) -> str:
+    """What the serve_ray results show memadapt paid for its misses and budget."""
+    c = list(ma.get("replica_counters", {}).values())
+    total = {k: sum(x.get(f"memadapt_{k}_total", 0.0) for x in c)
+             for k in ("cold_loads", "prefetches", "swaps", "evictions")}
+    return (f"its replicas made {total['cold_loads']:.0f} cold loads, "
+            f"{total['prefetches']:.0f} prefetches, {total['swaps']:.0f} swaps and "
+            f"{total['evictions']:.0f} evictions on the 2 shared cores against "
+            f"{bl['misses']} missed requests of the baseline, and the variants it served "
+            f"(int8 to fit more models) cost {ma['profiled_compute_ms_per_request']:.2f} vs "
+            f"{bl['profiled_compute_ms_per_request']:.2f} ms per request as profiled")
+
+
+def serve_ray_row(sr: dict[str, Any]) -> tuple[str, str, str]:
+    """memadapt on Ray Serve against Serve's multiplexing LRU at its best count."""
+    m = sr["meta"]
+    ma = next(s for s in sr["systems"] if s["system"] == "memadapt")
+    bl = next(s for s in sr["systems"] if s["system"] == sr["best_baseline"])
+    worse = [w for w, bad in (("p99", ma["latency_p99_s"] > bl["latency_p99_s"]),
+                              ("p50", ma["latency_p50_s"] > bl["latency_p50_s"]),
+                              ("throughput", ma["throughput_rps"] < bl["throughput_rps"]),
+                              ("peak RSS", ma["rss_peak_per_replica_bytes"]
+                               > bl["rss_peak_per_replica_bytes"]),
+                              ("misses", ma["miss_rate"] > bl["miss_rate"])) if bad]
+    # where any K beats memadapt on misses or p50, and what memory it took for that
+    beats = [f"K={s['k']} {what} ({_mib(s['rss_peak_per_replica_bytes'])} MiB per replica)"
+             for s in sr["systems"] if "k" in s for what, yes in (
+                 (f"misses {s['miss_rate']:.3f}", s["miss_rate"] < ma["miss_rate"]),
+                 (f"p50 {s['latency_p50_s'] * 1e3:.0f} ms",
+                  s["latency_p50_s"] < ma["latency_p50_s"])) if yes]
+    ks = ", ".join(str(s["k"]) for s in sr["systems"] if "k" in s)
+    return (f"`memadapt serve --ray --replicas 2` vs Serve's `@serve.multiplexed` LRU over "
+            f"onnxruntime sessions (K tried: {ks}; best at the same memory K={bl['k']}), "
+            f"{m['requests']:,} requests of a {m['models']}-model Azure trace, "
+            f"{m['total_budget_bytes'] / 2**20:.0f} MiB in all",
+            f"miss rate {ma['miss_rate']:.3f} vs {bl['miss_rate']:.3f}, p99 "
+            f"{ma['latency_p99_s'] * 1e3:.0f} vs {bl['latency_p99_s'] * 1e3:.0f} ms, "
+            f"{ma['throughput_rps']:.0f} vs {bl['throughput_rps']:.0f} req/s, peak RSS per "
+            f"replica {_mib(ma['rss_peak_per_replica_bytes'])} vs "
+            f"{_mib(bl['rss_peak_per_replica_bytes'])} MiB, failed {ma['failed']} vs "
+            f"{bl['failed']}; memadapt's replicas within budget: "
+            f"{'yes' if ma['within_budget'] else 'NO'} (their charge, polled; measured RSS "
+            f"growth at most {_mib(ma['rss_peak_over_idle_bytes'])} of "
+            f"{_mib(m['per_replica_budget_bytes'])} MiB)"
+            + (f"; memadapt worse on {', '.join(worse)}: {_why(ma, bl)}" if worse else "")
+            + (f"; beaten by {', '.join(beats)}" if beats else "")
+            + f"; memadapt loses fidelity: {1 - ma['served_by_base_variant']:.0%} of its "
+            f"requests ran an int8 variant (it downgrades to fit more models), "
+            f"{ma['profiled_compute_ms_per_request']:.2f} vs "
+            f"{bl['profiled_compute_ms_per_request']:.2f} ms of compute per request as profiled",
+            "`benchmarks/serve_ray.py` -> `serve_ray.json`")
+
+
 def measured(results: Path) -> str:
     """The "Measured" table: one row per committed result file's main figures."""
     rows: list[tuple[str, str, str]] = []
@@ -229,6 +282,8 @@ def measured(results: Path) -> str:
                  f"{lt['requests']:,} requests, {lt['failed']} failed, "
                  f"{lt['throughput_rps']:.0f} req/s, p99 {lt['latency_p99_s'] * 1e3:.0f} ms",
                  "`examples/loadtest.py` -> `loadtest.json`"))
+    if (results / "serve_ray.json").exists():
+        rows.append(serve_ray_row(_load(results, "serve_ray.json")))
     pol = _load(results, "policies.json")
     if pol.get("timing"):
         t0 = pol["timing"][0]

@@ -1,6 +1,7 @@
 """`memadapt serve --ray --replicas 2`: the same tritonclient calls through Ray Serve.
 
-Starts a local Ray instance (several processes), so it is marked slow.
+The tests that start a local Ray instance (several processes) are marked slow; the routing
+helpers are tested in the default run.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ from test_server import (  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import variants  # noqa: E402
-from adaptive.serve.scaleout import model_of  # noqa: E402
-
-pytestmark = pytest.mark.slow
+from adaptive.serve.scaleout import REPLICA_HEADER, model_of  # noqa: E402
 
 
 def test_model_of_reads_the_header_then_the_path():
@@ -58,6 +57,7 @@ def ray_server(tiny_store, tmp_path_factory):
         proc.kill()
 
 
+@pytest.mark.slow
 def test_same_client_calls_through_two_replicas(ray_server, tiny_store):
     c = tritonhttp.InferenceServerClient(ray_server.removeprefix("http://"),
                                          network_timeout=120)
@@ -82,3 +82,17 @@ def test_same_client_calls_through_two_replicas(ray_server, tiny_store):
              ["memadapt_cold"] for _ in range(5)]
     assert sum(colds) == 0  # already loaded by the calls above, on the replica they reached
     c.close()
+
+
+@pytest.mark.slow
+def test_every_answer_names_its_replica(ray_server):
+    # requests without a model reach either replica; each answer carries that replica's pid,
+    # so the benchmark can tell the two budgets (and processes) apart from outside
+    import httpx
+
+    pids = set()
+    for _ in range(40):
+        r = httpx.get(ray_server + "/v2/memadapt/budget", timeout=30)
+        assert r.status_code == 200 and r.json()["budget_bytes"] > 0
+        pids.add(int(r.headers[REPLICA_HEADER]))
+    assert len(pids) == 2

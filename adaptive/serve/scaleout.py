@@ -10,12 +10,14 @@ count-limited LRU never evicts here (every replica may hold every model), memory
 each replica's cache.
 
 Requests without a model (health, ``/metrics``, ``/v2/memadapt/budget``) reach one replica:
-a budget ``PUT`` changes that replica's budget only.
+a budget ``PUT`` changes that replica's budget only. Every answer names the replica that gave
+it (its process id, in the ``x-memadapt-replica`` header).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -29,6 +31,7 @@ __all__ = ["Replica", "Router", "call_asgi", "model_of", "serve_ray"]
 log = logging.getLogger(__name__)
 
 MODEL_HEADER = "serve_multiplexed_model_id"
+REPLICA_HEADER = "x-memadapt-replica"
 _MODEL_PATH = re.compile(r"^/v2/(?:repository/)?models/([^/]+)")
 
 
@@ -96,7 +99,9 @@ class Replica:
         model = serve.get_multiplexed_model_id()
         if model:
             await self._serving(model)
-        return await call_asgi(self.app, method, path, query, headers, body)
+        status, out, content = await call_asgi(self.app, method, path, query, headers, body)
+        # which replica answered (its process id): per-replica budgets and memory from outside
+        return status, [*out, (REPLICA_HEADER.encode(), str(os.getpid()).encode())], content
 
     def __del__(self) -> None:
         cache = getattr(self, "cache", None)
