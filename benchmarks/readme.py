@@ -273,6 +273,32 @@ def measured(results: Path) -> str:
                          f"{ms * d['open_min_s']:.1f}), "
                          f"{d['freed_bytes'] / 1e6:.0f} MB freed",
                          "`swaps.json` (`downgrades`)"))
+    if (results / "soak.json").exists():
+        sk = _load(results, "soak.json")
+        rows.append((f"Soak: {sk['clients']} clients on {len(sk['models'])} models for "
+                     f"{sk['minutes']:g} min, budget moved {sk['budget_changes']} times "
+                     f"between 30% and 120% of their base memory ({sk['policy']})",
+                     f"{sk['requests']:,} requests, {sk['failed_requests']} failed, "
+                     f"{sk['infeasible_requests']} InfeasibleBudget; worst RSS over budget + "
+                     f"baseline {sk['max_rss_overshoot_fraction']:+.1%} of that sum "
+                     f"({sk['max_rss_over_budget_fraction']:+.1%} of the budget alone) at "
+                     f"{sk['max_rss_overshoot_at_s']:.0f} s",
+                     "`benchmarks/soak.py` -> `soak.json`"))
+    if (results / "replay.json").exists():
+        rp = _load(results, "replay.json")
+
+        def metric(row: dict, name: str) -> dict:
+            return next(m for m in row["metrics"] if m["name"] == name)
+
+        rows.append((f"Real replay vs simulation, {rp['trace']['requests']:,} requests of a "
+                     f"{rp['trace']['models']}-model Azure trace at {rp['budget']}: miss rate "
+                     f"and mean latency, simulated / real",
+                     "; ".join(f"{r['policy']} {metric(r, 'miss_rate')['simulated']:.4f} / "
+                               f"{metric(r, 'miss_rate')['real']:.4f}, "
+                               f"{metric(r, 'mean_latency_s')['simulated'] * 1e3:.1f} / "
+                               f"{metric(r, 'mean_latency_s')['real'] * 1e3:.1f} ms"
+                               for r in rp["policies"]),
+                     "`benchmarks/replay_bench.py` -> `replay.json`"))
     lt = _load(results, "loadtest.json")
     rows.append((f"Load test: {lt['clients']} `tritonclient` clients for {lt['seconds']:.0f} s "
                  f"against `memadapt serve`, budget moved {lt['budget_changes']} times"
