@@ -289,6 +289,8 @@ _TIME_V_RUN = _TIME_V_IMPORTS + (
     "import sys\n"
     "so = ort.SessionOptions()\n"
     "so.enable_cpu_mem_arena = False  # as memadapt's sessions run (variants.backends)\n"
+    "if sys.argv[2] == '1':  # a graph optimised already: opened as memadapt opens it\n"
+    "    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n"
     "s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])\n"
     "x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)\n"
     "for _ in range(3): s.run(None, {'input': x})\n")
@@ -309,8 +311,11 @@ def _time_v_max_rss(code: str, *args: str) -> int:
     return int(m.group(1)) * 1024
 
 
-def independent_peak(onnx_path: str) -> int:
+def independent_peak(onnx_path: str, *, optimized: bool = False) -> int:
     """Cross-check of the profiler with none of its machinery: ``/usr/bin/time -v``'s max RSS
     of a process that only loads an image model's ONNX file with onnxruntime and runs it at
-    batch 1 (224x224), minus that of a process doing the same imports alone."""
-    return _time_v_max_rss(_TIME_V_RUN, str(onnx_path)) - _time_v_max_rss(_TIME_V_IMPORTS)
+    batch 1 (224x224), minus that of a process doing the same imports alone. ``optimized``:
+    the file is a graph onnxruntime optimised already (``variants.ort_forms``), opened with
+    optimisation off, as the onnxruntime backend opens it."""
+    return (_time_v_max_rss(_TIME_V_RUN, str(onnx_path), "1" if optimized else "0")
+            - _time_v_max_rss(_TIME_V_IMPORTS))
