@@ -683,6 +683,23 @@ class VariantCache:
                 self._wait(deadline, f"{what}: {self._ledger.charged} bytes still charged, "
                                      f"over {value}")
 
+    def _limit_to(self, value: int) -> int:
+        """Lock held: hold new loads to ``value`` at once; publish it as the budget in force
+        now if it is a rise or already met. Returns the budget in force before."""
+        old = self._budget
+        self._ledger.limit = value
+        if value >= old or self._ledger.charged <= value:
+            self._budget = value
+            self._notify_audit()
+        return old
+
+    def _enforce(self, value: int) -> None:
+        """Wait until the charge is under ``value`` (with the deadline), then publish it."""
+        self._wait_charged(value, f"following the budget drop to {value} bytes")
+        with self._lock:
+            self._budget = value
+            self._notify_audit()
+
     # -- memory --------------------------------------------------------------------------------
 
     def plan_limit(self) -> int:

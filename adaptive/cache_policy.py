@@ -141,11 +141,7 @@ class PolicyRules:
     def apply_budget(self, value: int) -> None:
         c = self.c
         with c._lock:
-            old = c._budget
-            c._ledger.limit = value
-            if value >= old or c._ledger.charged <= value:
-                c._budget = value
-                c._notify_audit()
+            c._limit_to(value)
             changes = self.driver.budget(c._clock(), c.plan_limit())
             self.created = []
             try:
@@ -154,10 +150,7 @@ class PolicyRules:
                 created, self.created = self.created, None
         self.after_request()
         self._finish(created)
-        c._wait_charged(value, f"following the budget drop to {value} bytes")
-        with c._lock:
-            c._budget = value
-            c._notify_audit()
+        c._enforce(value)
 
     def close(self) -> None:
         c = self.c

@@ -363,11 +363,7 @@ class ReplanRules:
         """Planner held: make ``value`` the budget; on a drop, shed and wait for the drain."""
         c = self.c
         with c._lock:
-            old = c._budget
-            c._ledger.limit = value
-            if value >= old or c._ledger.charged <= value:
-                c._budget = value
-                c._notify_audit()
+            old = c._limit_to(value)
             key = list(self.rates.key)
             limit = c.plan_limit()
             res, resident, held = self._snapshot()
@@ -402,10 +398,7 @@ class ReplanRules:
                 if c._retire_current(st):
                     with c._lock:
                         c._counts["evictions"] += 1
-        c._wait_charged(value, f"following the budget drop to {value} bytes")
-        with c._lock:
-            c._budget = value
-            c._notify_audit()
+        c._enforce(value)
 
     # -- transitions (planner held, lock not held) ----------------------------------------------
 

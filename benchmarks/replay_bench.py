@@ -39,15 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from adaptive.replay import replay
     from adaptive.traces import synth
-    from benchmarks.soak import build_store
+    from benchmarks.soak import ensure_store
 
-    tmp = None
-    if args.store is None:
-        tmp = tempfile.TemporaryDirectory(prefix="memadapt-replay-")
-        args.store = Path(tmp.name) / "store"
-    if not (args.store / "variants").is_dir():
-        print(f"generating and profiling the store in {args.store} ...", flush=True)
-        build_store(args.store)
+    tmp = tempfile.TemporaryDirectory(prefix="memadapt-replay-") if args.store is None else None
+    args.store = ensure_store(args.store or Path(tmp.name) / "store")
     names = [f"svc{i:02d}" for i in range(args.models)]
     trace = synth("azure", names, args.requests, seed=args.seed, duration_s=3600)
     rows = []
@@ -86,8 +81,10 @@ def _markdown(out: dict) -> str:
             if m["name"] in ("miss_rate", "stall_rate", "slo_attainment", "mean_latency_s",
                              "p99_latency_s", "evictions"):
                 diff = m["difference"]
-                lines.append(f"| {row['policy']} | {m['name']} | {m['simulated']:.4g} | "
-                             f"{m['real']:.4g} | "
+                name, scale, fmt = ((m["name"].replace("_s", "_ms"), 1e3, ".1f")
+                                    if m["name"].endswith("_s") else (m["name"], 1, ".4f"))
+                lines.append(f"| {row['policy']} | {name} | {m['simulated'] * scale:{fmt}} | "
+                             f"{m['real'] * scale:{fmt}} | "
                              f"{'' if diff is None else format(diff, '+.1%')} |")
     return "\n".join(lines) + "\n"
 

@@ -52,6 +52,14 @@ def build_store(root: Path) -> None:
     profiler.profile(root, batches=(1,), runs=5, threads=1)
 
 
+def ensure_store(root: Path) -> Path:
+    """``root``, generated and profiled with :func:`build_store` unless it is a store."""
+    if not (root / "variants").is_dir():
+        print(f"generating and profiling the store in {root} ...", flush=True)
+        build_store(root)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -73,14 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from adaptive.errors import InfeasibleBudget
     from variants import Store, get_family
 
-    tmp = None
-    if args.store is None:
-        tmp = tempfile.TemporaryDirectory(prefix="memadapt-soak-")
-        args.store = Path(tmp.name) / "store"
-    if not (args.store / "variants").is_dir():
-        print(f"generating and profiling the soak store in {args.store} ...", flush=True)
-        build_store(args.store)
-    store = Store(args.store)
+    tmp = tempfile.TemporaryDirectory(prefix="memadapt-soak-") if args.store is None else None
+    store = Store(ensure_store(args.store or Path(tmp.name) / "store"))
     fams = candidates_from_catalog(store, batch=1)
     served = {"resnet-a": "resnet18", "resnet-b": "resnet18", "bert-a": "minilm",
               "bert-b": "minilm"}

@@ -238,16 +238,22 @@ def test_a_hung_request_makes_set_budget_fail_after_its_deadline(store):
     cache.close()
 
 
-def test_a_miss_does_not_wait_for_another_models_load(store, refs):
+def _stuck_loader(store, variant, gate, started):
+    """A loader whose loads of ``variant`` set ``started`` and wait for ``gate``."""
     import variants
 
-    gate, started = threading.Event(), threading.Event()
-
     def loader(manifest, device, backend, source):
-        if manifest.name == "resnet10":
+        if manifest.name == variant:
             started.set()
             gate.wait(60)
         return variants.open_session(store, manifest.name, threads=1, verify=False)
+
+    return loader
+
+
+def test_a_miss_does_not_wait_for_another_models_load(store, refs):
+    gate, started = threading.Event(), threading.Event()
+    loader = _stuck_loader(store, "resnet10", gate, started)
 
     cache = make(store, loader=loader, policy="lru")
     slow = threading.Thread(target=cache.infer, args=("resnet10", INPUTS["resnet10"][0]))
@@ -266,15 +272,8 @@ def test_a_miss_does_not_wait_for_another_models_load(store, refs):
 def test_memadapt_upgrades_beside_the_serving_variant_on_a_worker(store, refs):
     """A miss loads the variant fastest to load; the better one loads beside it on a swap
     worker, and requests keep hitting the small one until it is in."""
-    import variants
-
     gate, started = threading.Event(), threading.Event()
-
-    def loader(manifest, device, backend, source):
-        if manifest.name == "resnet10":
-            started.set()
-            gate.wait(60)
-        return variants.open_session(store, manifest.name, threads=1, verify=False)
+    loader = _stuck_loader(store, "resnet10", gate, started)
 
     cands = {"resnet10": [Candidate("resnet10", 400, 0.95, 0.001, 0.5),
                           Candidate("resnet10+int8", 120, 0.90, 0.001, 0.05)]}
