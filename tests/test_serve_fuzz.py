@@ -53,7 +53,10 @@ def test_fuzz_the_openapi_schema(live, mode):
     # schemathesis' own pytest loader does not run under pytest 9; drive its strategies here
     schema = schemathesis.openapi.from_url(f"{live}/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert len(operations) >= 15
+    assert len(operations) >= 16
+    labels = {op.label for op in operations}
+    assert {f"{m} /v2/models/{{model}}/versions/{{version}}{tail}" for m, tail in
+            (("GET", ""), ("GET", "/ready"), ("POST", "/infer"))} <= labels, labels
     statuses: list[int] = []
     for op in operations:
         @given(case=op.as_strategy(mode))

@@ -187,6 +187,44 @@ def test_unknown_model_is_404(client):
     assert not client.is_model_ready("nosuch")
 
 
+@pytest.mark.parametrize("version", ["1", "resnet10+int8"])
+def test_versioned_routes_serve_the_model(client, tiny_store, version):
+    # tritonclient sends /v2/models/M/versions/V/... whenever model_version is given
+    x = _image(1)
+    res = client.infer("resnet10", _inputs({"input": x}), model_version=version)
+    variant = res.get_response()["model_version"]
+    assert variant == res.get_response()["parameters"]["memadapt_variant"]
+    want = variants.open_session(tiny_store, variant, threads=1).run({"input": x})
+    np.testing.assert_allclose(res.as_numpy("logits"), want, atol=1e-4)
+    assert client.get_model_metadata("resnet10", model_version=version)["name"] == "resnet10"
+    if version == "1":
+        assert client.is_model_ready("resnet10", model_version="1")
+
+
+def test_version_ready_at_a_variant_is_whether_it_is_resident(client, server):
+    client.infer("bert-tiny", _inputs(_text(1)), model_version="1")
+    resident = httpx.get(f"{server}/v2/memadapt/budget").json()["resident"]["bert-tiny"]
+    assert client.is_model_ready("bert-tiny", model_version=resident)
+    others = [v for v in client.get_model_metadata("bert-tiny")["versions"] if v != resident]
+    assert others and not client.is_model_ready("bert-tiny", model_version=others[0])
+
+
+def test_unknown_version_is_404_naming_the_versions(client, server):
+    for call in (lambda: client.infer("resnet10", _inputs({"input": _image(1)}),
+                                      model_version="2"),
+                 lambda: client.get_model_metadata("resnet10", model_version="2")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert _status(e) == 404
+        assert "no version '2'" in e.value.message() and "resnet10+int8" in e.value.message()
+    assert not client.is_model_ready("resnet10", model_version="2")
+    r = httpx.get(f"{server}/v2/models/resnet10/versions/bert-tiny/ready")
+    assert r.status_code == 404 and "'1'" in r.json()["error"]
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("nosuch", _inputs({"input": _image(1)}), model_version="1")
+    assert _status(e) == 404 and "unknown model 'nosuch'" in e.value.message()
+
+
 def test_repository_unload_then_load(client):
     index = {r["name"]: r for r in client.get_model_repository_index()}
     assert set(index) == {"resnet10", "bert-tiny"}

@@ -1,9 +1,13 @@
 """The FastAPI app: one :class:`VariantCache` behind the Open Inference Protocol (KServe v2
 REST), its model repository extension, and memadapt's own budget and plan endpoints.
 
+Every model route has its versioned form (``/v2/models/M/versions/V/...``): a version is
+``"1"`` (the model) or one of its variants, and never forces a variant (see
+:mod:`adaptive.serve.repository`).
+
 Errors are the protocol's ``{"error": "..."}``: 400 bad input (the message names the input),
-404 unknown model, 413 body over the size limit, 503 a model that cannot be served now (its
-floor does not fit the budget, or it is unloaded).
+404 unknown model or version, 413 body over the size limit, 503 a model that cannot be served
+now (its floor does not fit the budget, or it is unloaded).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from adaptive.serve import schemas as S
 from adaptive.serve.limits import BodyLimit
 from adaptive.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from adaptive.serve.oip import HEADER_LENGTH, OIPError, decode_request, encode_response
-from adaptive.serve.repository import Repository, describe
+from adaptive.serve.repository import MODEL_VERSION, Repository, describe
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "create_app"]
 
@@ -176,9 +180,7 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
              responses=_documented(404))
     def version_metadata(model: str, version: str):
         info = repo.info(model)
-        if version not in info.versions:
-            raise OIPError(404, f"model {model!r} has no variant {version!r}; its variants: "
-                                f"{', '.join(info.versions)}")
+        info.check_version(version)
         return info.metadata()
 
     @app.get("/v2/models/{model}/ready", response_model=S.ModelReady,
@@ -192,7 +194,9 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     @app.get("/v2/models/{model}/versions/{version}/ready", response_model=S.ModelReady,
              responses=_documented(404, 503))
     def version_ready(model: str, version: str):
-        version_metadata(model, version)
+        repo.info(model).check_version(version)
+        if version == MODEL_VERSION:
+            return model_ready(model)
         resident = cache.resident().get(model)
         if repo.unavailable_reason(model) is None and resident == version:
             return {"name": model, "ready": True}
@@ -205,6 +209,16 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     @app.post("/v2/models/{model}/infer", openapi_extra=_INFER_BODY,
               responses=_documented(400, 404, 413, 503))
     async def infer(model: str, request: Request):
+        return await run_infer(model, request)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=_INFER_BODY,
+              responses=_documented(400, 404, 413, 503))
+    async def version_infer(model: str, version: str, request: Request):
+        # a version names the model (or one of its variants), never forces a variant
+        repo.info(model).check_version(version)
+        return await run_infer(model, request)
+
+    async def run_infer(model: str, request: Request) -> Response:
         repo.check_servable(model)
         info = repo.info(model)
         body = _decompress(await request.body(), request.headers.get("content-encoding"),
@@ -310,6 +324,8 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            versions = sorted({MODEL_VERSION, *(v for i in repo.models.values()
+                                                for v in i.versions)})
             schema = get_openapi(title=app.title, version=app.version,
                                  description=app.description, routes=app.routes)
             _, defs = models_json_schema([(m, "validation") for m in S.BODY_ONLY] +
@@ -322,8 +338,12 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
                     # validation errors are answered 400 (see _invalid), never 422
                     op.get("responses", {}).pop("422", None)
                     for p in op.get("parameters", []):
-                        if p.get("name") == "model" and p.get("in") == "path":
+                        if p.get("in") != "path":
+                            continue
+                        if p.get("name") == "model":
                             p["schema"] = {**p["schema"], "enum": sorted(repo.models)}
+                        elif p.get("name") == "version":
+                            p["schema"] = {**p["schema"], "enum": versions}
             app.openapi_schema = schema
         return app.openapi_schema
 

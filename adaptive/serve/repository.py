@@ -1,6 +1,14 @@
 """What the server says about its models: metadata (versions = variants), readiness, and the
 model repository extension's load and unload, on top of one :class:`VariantCache`.
 
+**Versions.** A model has one version in Triton's sense, ``"1"`` (:data:`MODEL_VERSION`): the
+model as memadapt serves it, at whichever variant fits the budget. Its variants are versions
+too (metadata lists them as ``versions``), so every versioned route
+(``/v2/models/M/versions/V``, ``.../ready``, ``.../infer``) takes ``"1"`` or a variant name;
+any other version is 404. A version never forces a variant: an inference at any version runs
+on the variant memadapt chose, and the answer's ``model_version`` names it. Readiness at a
+variant says whether that variant is resident now; at ``"1"`` it is the model's readiness.
+
 Every model the cache serves starts *available*: it is loaded on its first request, as the
 cache always does. ``unload`` takes a model out of service (its requests are refused until
 ``load``); ``load`` puts it back and brings its best variant that fits resident now.
@@ -19,9 +27,12 @@ import numpy as np
 from adaptive.errors import AdaptiveError
 from adaptive.serve.oip import OIPError, TensorSpec, datatype_of
 
-__all__ = ["ModelInfo", "Repository", "describe"]
+__all__ = ["MODEL_VERSION", "ModelInfo", "Repository", "describe"]
 
 log = logging.getLogger(__name__)
+
+#: The one version of every model (Triton's default); its variants are versions too.
+MODEL_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,15 @@ class ModelInfo:
         return {"name": self.name, "versions": list(self.versions), "platform": self.platform,
                 "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs]}
+
+    def check_version(self, version: str) -> str:
+        """``version`` if the model has it (:data:`MODEL_VERSION` or a variant), else
+        OIPError 404 listing the versions it has."""
+        if version == MODEL_VERSION or version in self.versions:
+            return version
+        raise OIPError(404, f"model {self.name!r} has no version {version!r}; its versions: "
+                            f"{MODEL_VERSION!r} (the model, at the variant memadapt chooses) "
+                            f"or a variant: {', '.join(self.versions)}")
 
 
 def _onnx_output(manifest: Any, backend: str) -> tuple[str, tuple[int, ...]]:

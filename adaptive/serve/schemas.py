@@ -44,7 +44,9 @@ class TensorMetadata(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
-    versions: list[str] = Field(description="the model's variants")
+    versions: list[str] = Field(description="the model's variants; each, and \"1\" (the "
+                                            "model at the variant memadapt chooses), is a "
+                                            "version the versioned routes take")
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
@@ -82,7 +84,8 @@ class ResponseOutput(BaseModel):
 
 class InferenceResponse(BaseModel):
     model_name: str
-    model_version: str = Field(description="the variant that served")
+    model_version: str = Field(description="the variant that served (whatever version the "
+                                           "request named)")
     id: str | None = None
     parameters: dict[str, Any] = Field(
         description="memadapt_variant: the variant that served; memadapt_cold: whether the "
