@@ -1014,6 +1014,20 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
             click.echo(f"  {e}")
 
 
+def _serve_aliases(ctx, param, values):
+    """Repeated ``NAME=STORED_MODEL`` as a dict; malformed or repeated names exit 2."""
+    out: dict[str, str] = {}
+    for v in values or ():
+        name, sep, stored = (x.strip() for x in v.partition("="))
+        if not (sep and name and stored):
+            raise click.BadParameter(f"{v!r}: expected NAME=STORED_MODEL, e.g. "
+                                     f"resnet18-b=resnet18")
+        if name in out:
+            raise click.BadParameter(f"{name!r} is given twice ({name}={out[name]}, {v})")
+        out[name] = stored
+    return out
+
+
 @main.command("serve")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--budget", default=None, metavar="SIZE|cgroup|cuda-free",
@@ -1024,6 +1038,10 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
 @click.option("--slo", "slos", multiple=True, callback=_assignments("ms"), metavar="MODEL=MS",
               help="Latency objective in ms (repeat), or MS for all; /metrics reports the "
                    "share of requests within it.")
+@click.option("--alias", "aliases", multiple=True, callback=_serve_aliases,
+              metavar="NAME=STORED_MODEL",
+              help="Serve STORED_MODEL under NAME too (repeat): a model of its own, with its "
+                   "own requests, floor, SLO and memory, and the stored model's variants.")
 @click.option("--policy", default="memadapt", show_default=True,
               help="Caching policy of the VariantCache.")
 @click.option("--profiles", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -1054,33 +1072,37 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --ray: join this Ray cluster instead of starting a local one.")
 @_errors
-def serve_cmd(store, budget, floors, slos, policy, profiles, device, backend, max_batch,
-              threads, rebalance_s, host_tier, host_budget, share_weights, max_request_bytes,
-              host, port, use_ray, replicas, ray_address) -> None:
+def serve_cmd(store, budget, floors, slos, aliases, policy, profiles, device, backend,
+              max_batch, threads, rebalance_s, host_tier, host_budget, share_weights,
+              max_request_bytes, host, port, use_ray, replicas, ray_address) -> None:
     """Serve STORE's models over the Open Inference Protocol (KServe v2 REST).
 
     Speaks what tritonclient, the KServe SDK and Seldon speak: /v2/health/ready,
     /v2/models/M (versions = variants), /v2/models/M/infer (JSON and binary tensors),
     /v2/repository/..., plus /v2/memadapt/budget (GET, PUT), /v2/memadapt/plan and /metrics.
+    Versioned routes (/v2/models/M/versions/V/...) take version 1 (the model) or a variant.
     """
-    from adaptive.serve import ServeConfig, serve
+    from adaptive.serve import AliasError, ServeConfig, serve
 
-    level = logging.getLogger().getEffectiveLevel()
-    config = ServeConfig(
-        store, budget=budget, device=device, backend=backend, floors=floors,
-        slos={m: ms / 1e3 for m, ms in slos.items()}, policy=policy, profiles=profiles,
-        max_batch=max_batch, threads=threads, rebalance_s=rebalance_s,
-        keep_host_bytes=host_tier, host_budget=host_budget, share_weights=share_weights,
-        host=host, port=port, max_request_bytes=max_request_bytes,
-        log_level=logging.getLevelName(level).lower())
-    if use_ray:
-        from adaptive.serve.scaleout import serve_ray
-
-        serve_ray(config, replicas, ray_address)
-    elif replicas != 2 or ray_address:
+    if not use_ray and (replicas != 2 or ray_address):
         raise click.UsageError("--replicas and --ray-address need --ray")
-    else:
-        serve(config)
+    level = logging.getLogger().getEffectiveLevel()
+    try:
+        config = ServeConfig(
+            store, budget=budget, device=device, backend=backend, floors=floors,
+            slos={m: ms / 1e3 for m, ms in slos.items()}, aliases=aliases, policy=policy,
+            profiles=profiles, max_batch=max_batch, threads=threads, rebalance_s=rebalance_s,
+            keep_host_bytes=host_tier, host_budget=host_budget, share_weights=share_weights,
+            host=host, port=port, max_request_bytes=max_request_bytes,
+            log_level=logging.getLevelName(level).lower())
+        if use_ray:
+            from adaptive.serve.scaleout import serve_ray
+
+            serve_ray(config, replicas, ray_address)
+        else:
+            serve(config)
+    except AliasError as e:
+        raise click.BadParameter(str(e), param_hint="--alias") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

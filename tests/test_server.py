@@ -362,3 +362,72 @@ def test_serve_config_spreads_a_bare_value_over_every_model():
     assert per_model({"a": 0.1}, ["a", "b"]) == {"a": 0.1}
     with pytest.raises(AdaptiveError, match="SLO"):
         ServeConfig("store", slos={"a": 0})
+
+
+def test_aliases_serve_a_stored_model_under_more_names(tiny_store, tmp_path):
+    from adaptive.serve import ServeConfig, ServerThread, build_cache, create_app
+
+    profiles = tiny_profiles(tmp_path / "profiles.json")
+    cache = build_cache(ServeConfig(str(tiny_store.root), profiles=str(profiles), budget="1GB",
+                                    threads=1, rebalance_s=None,
+                                    aliases={"tenant-a": "resnet10", "tenant-b": "resnet10"},
+                                    floors={"tenant-b": 0.935})).start()
+    try:
+        with ServerThread(create_app(cache)) as url:
+            c = tritonhttp.InferenceServerClient(url.removeprefix("http://"),
+                                                 network_timeout=60)
+            index = {r["name"] for r in c.get_model_repository_index()}
+            assert index == {"resnet10", "tenant-a", "tenant-b", "bert-tiny"}
+            assert c.get_model_metadata("tenant-a")["versions"] == \
+                c.get_model_metadata("resnet10")["versions"]
+            x = _image(1)
+            res = c.infer("tenant-a", _inputs({"input": x}))
+            variant = res.get_response()["model_version"]
+            assert variant.startswith("resnet10")
+            want = variants.open_session(tiny_store, variant, threads=1).run({"input": x})
+            np.testing.assert_allclose(res.as_numpy("logits"), want, atol=1e-4)
+            resident = httpx.get(f"{url}/v2/memadapt/budget").json()["resident"]
+            assert "tenant-a" in resident and "resnet10" not in resident  # its own session
+            floors = {r["model"]: r["floor"] for r in
+                      httpx.get(f"{url}/v2/memadapt/plan").json()["models"]}
+            # the profiles' floor of the stored model, unless the alias has its own
+            assert floors["tenant-a"] == floors["resnet10"] == 0.9
+            assert floors["tenant-b"] == 0.935
+            c.close()
+    finally:
+        cache.close()
+
+
+def test_serve_config_refuses_bad_aliases(tiny_store, tmp_path):
+    from adaptive.serve import AliasError, ServeConfig, build_cache
+
+    for bad in ({"": "resnet10"}, {"resnet10": "resnet10"}, {"*": "resnet10"},
+                {"a/b": "resnet10"}, {"a": 3}):
+        with pytest.raises(AliasError):
+            ServeConfig("store", aliases=bad)
+    profiles = str(tiny_profiles(tmp_path / "profiles.json"))
+    with pytest.raises(AliasError, match="'zzz'.*known: bert-tiny, resnet10"):
+        build_cache(ServeConfig(str(tiny_store.root), profiles=profiles, budget="1GB",
+                                aliases={"a": "zzz"}))
+    with pytest.raises(AliasError, match="already a stored model"):
+        build_cache(ServeConfig(str(tiny_store.root), profiles=profiles, budget="1GB",
+                                aliases={"bert-tiny": "resnet10"}))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--alias", "tenant-a"], "expected NAME=STORED_MODEL"),
+    (["--alias", "=resnet10"], "expected NAME=STORED_MODEL"),
+    (["--alias", "a=resnet10", "--alias", "a=bert-tiny"], "'a' is given twice"),
+    (["--alias", "a=zzz"], "'zzz', which is not a served model"),
+    (["--alias", "bert-tiny=resnet10"], "already a stored model"),
+])
+def test_serve_command_refuses_bad_aliases_with_exit_2(tiny_store, tmp_path, flags, needle):
+    from click.testing import CliRunner
+
+    import cli
+
+    profiles = str(tiny_profiles(tmp_path / "profiles.json"))
+    r = CliRunner().invoke(cli.main, ["serve", str(tiny_store.root), "--profiles", profiles,
+                                      "--budget", "1GB", "--port", "0", *flags])
+    assert r.exit_code == 2, r.output
+    assert "--alias" in r.output and needle in " ".join(r.output.split())

@@ -15,7 +15,7 @@ load/unload), :mod:`~adaptive.serve.metrics` (``/metrics``), :mod:`~adaptive.ser
 from __future__ import annotations
 
 from adaptive.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
-from adaptive.serve.server import ServeConfig, ServerThread, build_cache, serve
+from adaptive.serve.server import AliasError, ServeConfig, ServerThread, build_cache, serve
 
-__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "ServeConfig", "ServerThread", "build_cache",
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "AliasError", "ServeConfig", "ServerThread", "build_cache",
            "create_app", "serve"]

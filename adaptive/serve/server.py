@@ -16,9 +16,13 @@ from typing import Any
 from adaptive.errors import AdaptiveError
 from adaptive.serve.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
-__all__ = ["ServeConfig", "ServerThread", "build_cache", "serve"]
+__all__ = ["AliasError", "ServeConfig", "ServerThread", "build_cache", "serve"]
 
 log = logging.getLogger(__name__)
+
+
+class AliasError(AdaptiveError):
+    """An alias of :class:`ServeConfig` that cannot be served (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,10 @@ class ServeConfig:
     accuracy floors, ``slos`` to latency objectives in seconds. ``profiles``: a profiles JSON
     file (``memadapt select --profiles`` format) instead of the store's catalog; its floors
     apply unless ``floors`` overrides them. ``host_budget`` bounds the host tier (which
-    ``keep_host_bytes`` turns on; a host budget implies it).
+    ``keep_host_bytes`` turns on; a host budget implies it). ``aliases`` maps more served
+    model names to a stored model (one of the store's models or the profiles'): each alias is
+    a model of its own (its own requests, floor, SLO, sessions and memory) with the stored
+    model's variants, served beside it; floors and SLOs may name aliases.
     """
 
     store: str
@@ -39,6 +46,7 @@ class ServeConfig:
     backend: str = "onnxruntime"
     floors: Mapping[str, float] = field(default_factory=dict)
     slos: Mapping[str, float] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)
     policy: str = "memadapt"
     profiles: str | None = None
     max_batch: int = 8
@@ -53,8 +61,18 @@ class ServeConfig:
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
-        for name, m in (("floors", self.floors), ("slos", self.slos)):
+        for name, m in (("floors", self.floors), ("slos", self.slos),
+                        ("aliases", self.aliases)):
+            if not isinstance(m, Mapping):
+                raise AdaptiveError(f"{name} must be a mapping, got {m!r}")
             object.__setattr__(self, name, dict(m))
+        for alias, stored in self.aliases.items():
+            if not (isinstance(alias, str) and isinstance(stored, str) and alias and stored):
+                raise AliasError(f"an alias maps a served name to a stored model, both "
+                                 f"non-empty strings; got {alias!r}: {stored!r}")
+            if alias == "*" or alias == stored or "/" in alias:
+                raise AliasError(f"alias {alias!r} -> {stored!r}: a served name must differ "
+                                 f"from the stored model and be neither '*' nor contain '/'")
         for model, s in self.slos.items():
             if not (isinstance(s, (int, float)) and s > 0):
                 raise AdaptiveError(f"SLO of {model!r} must be > 0 seconds, got {s!r}")
@@ -69,6 +87,26 @@ def per_model(values: Mapping[str, float], models: Any) -> dict[str, float]:
     out = dict(values)
     every = out.pop("*", None)
     return out if every is None else {**dict.fromkeys(models, every), **out}
+
+
+def with_aliases(aliases: Mapping[str, str], candidates: Mapping[str, Any],
+                 floors: Mapping[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    """``candidates`` and ``floors`` with each alias given its stored model's (a copy).
+
+    Raises :class:`AliasError` for an alias of a model that is not there, or one that takes
+    a stored model's name."""
+    out, fl = dict(candidates), dict(floors)
+    for alias, stored in aliases.items():
+        if stored not in candidates:
+            raise AliasError(f"alias {alias!r} names {stored!r}, which is not a served model; "
+                             f"known: {', '.join(sorted(candidates))}")
+        if alias in candidates:
+            raise AliasError(f"alias {alias!r} is already a stored model's name; pick "
+                             f"another served name")
+        out[alias] = list(candidates[stored])
+        if stored in fl:
+            fl[alias] = fl[stored]
+    return out, fl
 
 
 def build_cache(config: ServeConfig) -> Any:
@@ -87,6 +125,7 @@ def build_cache(config: ServeConfig) -> Any:
         floors = {d.model: d.floor for d in demands if d.floor}
     else:
         candidates = catalog_candidates(store, config.device, config.backend, config.max_batch)
+    candidates, floors = with_aliases(config.aliases, candidates, floors)
     floors.update(per_model(config.floors, candidates))
     slos = per_model(config.slos, candidates)
     # a server owns its process: pin the allocator so resident memory follows the catalog
@@ -96,7 +135,7 @@ def build_cache(config: ServeConfig) -> Any:
         rebalance_interval_s=config.rebalance_s, threads=config.threads,
         keep_host_bytes=config.keep_host_bytes or config.host_budget is not None,
         host_budget=config.host_budget, share_weights=config.share_weights,
-        pin_allocator=True), candidates=candidates)
+        aliases=config.aliases, pin_allocator=True), candidates=candidates)
 
 
 def serve(config: ServeConfig) -> None:
