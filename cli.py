@@ -492,10 +492,13 @@ def group_cmd(name, members, store, replace, as_json) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Measure again what is already in the catalog.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=3600, show_default=True,
+              help="Seconds to wait for another profile run of the same store to finish "
+                   "(runs take turns, so neither times the other's work as its own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
 @_errors
 def profile_cmd(store, device, backend, batches, runs, warmup, eval_set, pattern, threads,
-                force, as_json) -> None:
+                force, lock_timeout, as_json) -> None:
     """Measure every variant in STORE on a device: peak memory per batch size,
     latency percentiles, load time, accuracy and fidelity to the base.
 
@@ -503,6 +506,8 @@ def profile_cmd(store, device, backend, batches, runs, warmup, eval_set, pattern
     pollute each other's memory. Results go to STORE/catalog.sqlite as they
     complete: an interrupted run keeps them and a re-run does only the rest.
     A variant that fails or runs out of memory is recorded and profiling goes on.
+    Two profile runs of one store take turns (see --lock-timeout); a generate
+    into the same store does not wait for one.
 
     \b
     Example:
@@ -516,7 +521,8 @@ def profile_cmd(store, device, backend, batches, runs, warmup, eval_set, pattern
         res = profiler.profile(store, device=device, backend=backend, batches=batches or (1, 8),
                                runs=runs, warmup=warmup,
                                eval=None if eval_set == "none" else eval_set,
-                               variants=pattern, threads=threads, force=force, progress=bar)
+                               variants=pattern, threads=threads, force=force, progress=bar,
+                               lock_timeout=lock_timeout)
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in res], indent=2, default=str))
         return

@@ -87,7 +87,8 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
             eval: str | None = "auto", variants: str | Sequence[str] = "*",
             threads: int | None = None, force: bool = False, progress: Progress | None = None,
             eval_samples: int = 512, timeout: float = 900.0,
-            allocator: str = "pinned") -> list[Measurement]:
+            allocator: str = "pinned", lock_timeout: float | None = 3600.0
+            ) -> list[Measurement]:
     """Profile the store's variants on ``device`` and record the results in its catalog.
 
     Per batch size, each variant runs in a fresh child process that measures
@@ -99,7 +100,9 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
     status and error text, and profiling goes on. ``warmup`` counts the
     first (cold) run; ``timeout`` bounds each child in seconds; ``allocator``
     ("pinned" or "default") is the glibc setting of the measuring process (see
-    :mod:`profiler.memory` for why pinned is the default).
+    :mod:`profiler.memory` for why pinned is the default). Profile runs on one store take
+    turns (:meth:`~variants.Store.profile_lock`): a second run waits up to ``lock_timeout``
+    seconds, then raises :class:`~variants.StoreLockedError` naming the first.
     """
     store = store if isinstance(store, Store) else Store(store)
     bs = _check_args(device, backend, batches, runs, warmup, eval)
@@ -111,7 +114,8 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
     evaluator = Evaluator(store, device=device, backend=backend, threads=threads,
                           samples=eval_samples)
     results: list[Measurement] = []
-    with Catalog(store.catalog_path) as cat:
+    with store.profile_lock(f"profile {device}/{backend}", timeout=lock_timeout), \
+            Catalog(store.catalog_path) as cat:
         cat.record_device(info)
         done = set() if force else cat.done_batches(info.fingerprint, backend, allocator)
         done_acc = set() if force else cat.done_accuracy(info.type, backend)

@@ -231,3 +231,27 @@ def test_profile_killed_after_its_first_row_resumes(base_store, tmp_path):
         assert set(cat.fits(fp, "onnxruntime")) == keys
     assert _batch_rows(catalog) == second
     _verify_clean(root, {"resnet10", "resnet10+int8"})
+
+
+def test_profile_runs_take_turns_but_do_not_wait_for_generate(base_store, tmp_path):
+    """A second profile run of one store waits for the first (with a short --lock-timeout it
+    fails with exit 1 naming the holder's pid, no traceback, nothing recorded); the store's
+    writer lock, which generate holds, does not hold a profile run up."""
+    root = _copy(base_store, tmp_path / "store")
+    st = Store(root)
+    with st.profile_lock("profiling for the test"):
+        out = _run("profile", str(root), *PROFILE, "--lock-timeout", "0.5")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"locked by pid {os.getpid()} (profiling for the test" in out.stderr
+    assert "--lock-timeout" in out.stderr and "Traceback" not in out.stderr
+    assert not (root / "catalog.sqlite").exists() or _rows(root) == 0
+    with st.lock("generating for the test"):
+        out = _run("profile", str(root), *PROFILE, "--variants", "resnet10", "--json",
+                   "--lock-timeout", "0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _rows(root) == 2  # batch 1 and 2 of resnet10
+
+
+def _rows(root: Path) -> int:
+    with sqlite3.connect(root / "catalog.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM batch_profiles").fetchone()[0]

@@ -8,6 +8,7 @@ Public API: specs (``Prune``, ``EarlyExit``, ``Quantize``), the family registry
 from variants import early_exit as _early_exit  # noqa: F401  (registers exit@k)
 from variants import prune as _prune  # noqa: F401  (registers prune)
 from variants import quantize as _quantize  # noqa: F401  (registers int8/fp16)
+from variants._locks import StoreLockedError
 from variants.backends import Session, list_backends, open_onnx, open_session, register_backend
 from variants.errors import (
     BackendError,
@@ -50,7 +51,8 @@ __all__ = [
     "BackendError", "CorruptArtifactError", "DataError", "EarlyExit", "ExportError", "Family",
     "GenerateResult", "Group", "GroupError", "KeyConflictError", "Manifest", "MemadaptError",
     "ModelInfo", "Prune", "Quantize", "Session",
-    "Spec", "SpecError", "Store", "StoreError", "UnknownNameError", "family_of", "generate",
+    "Spec", "SpecError", "Store", "StoreError", "StoreLockedError", "UnknownNameError",
+    "family_of", "generate",
     "get_family", "group", "list_backends", "list_families", "list_groups", "list_models",
     "list_transforms",
     "open_onnx", "open_session", "parse_spec", "parse_variant_name", "plan_chains",

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 LOCK = ".lock"
+PROFILE_LOCK = ".profile.lock"
 STAGING = ".tmp"
 #: prefixes of the folders in .tmp/ that hold an old variant on its way out (a variant's
 #: staging folder starts with its name, and no name starts with a dot)
@@ -335,6 +336,17 @@ class Store:
         (even by kill -9) drops the lock at once.
         """
         return StoreLock(self.lock_path, what, timeout)
+
+    def profile_lock(self, what: str = "",
+                     timeout: float | None = DEFAULT_TIMEOUT) -> StoreLock:
+        """``with store.profile_lock("profile cpu"):`` be the store's only profiler.
+
+        Two profile runs at once would measure the same rows twice, each timing the other's
+        load as its own, so they take turns on ``STORE/.profile.lock``, a lock of its own:
+        a ``generate`` into the store does not wait for a profile run, nor one for it.
+        Waits like :meth:`lock`.
+        """
+        return StoreLock(self.root / PROFILE_LOCK, what, timeout)
 
     def staging(self, name: str) -> Path:
         """A fresh temp folder to build variant ``name`` in before :meth:`commit` (or
