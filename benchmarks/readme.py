@@ -113,7 +113,35 @@ def headline(results: Path) -> str:
                          f"{'; '.join(x['shortfalls'])} (late requests of {n:,}: memadapt "
                          f"{late['memadapt']}, infaas {late['infaas']}{also})")
         lines.append("")
+    lines += heldout(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def heldout(results: Path) -> list[str]:
+    """The same checks on a run the defaults were never tuned on (``heldout/``), if any."""
+    path = results / "heldout" / "policies.json"
+    if not path.is_file():
+        return []
+    rep = json.loads(path.read_text())
+    meta, s, rows = rep["meta"], rep["summary"], rep["results"]
+    n = meta["requests"]
+    lines = [f"Held out (`python benchmarks/policies.py --seed {meta['seed']} --models "
+             f"{meta['models']} --out benchmarks/results/heldout`: other clones, jitter and "
+             f"traces than the run above, defaults untouched): all checks hold in "
+             f"**{s['holds']} / {s['cells']}** cells (miss + stall {s['late']}, SLO {s['slo']}, "
+             f"normalized {s['normalized']}, effective accuracy {s['effective']}); bound ratio "
+             f"{s['bound_ratio_median']:.2f}x at the median, {s['bound_ratio_max']:.2f}x at "
+             f"worst. Where it falls short:", ""]
+    for x in s["short"]:
+        cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
+                and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
+        late = {p: round((r["miss_rate"] + r["stall_rate"]) * n) for p, r in cell.items()
+                if p != "bound"}
+        lines.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
+                     f"{'; '.join(x['shortfalls'][:3])}"
+                     f"{' ...' if len(x['shortfalls']) > 3 else ''} (late requests of {n:,}: "
+                     f"memadapt {late['memadapt']}, infaas {late['infaas']})")
+    return lines + [""]
 
 
 def _mib(b: float) -> str:
