@@ -7,8 +7,10 @@
 Each client (its own ``tritonclient.http.InferenceServerClient``) picks a model (uniformly,
 or Zipf with --zipf), sends a random batch shaped by the model's metadata as binary tensors,
 and records status, latency and the variant that served. The budget is changed through
-``PUT /v2/memadapt/budget`` at evenly spaced times. Prints throughput, p50/p99 latency,
-errors by status, swaps, cold loads and served accuracy per model, and writes a JSON report.
+``PUT /v2/memadapt/budget`` at evenly spaced times (what is resident is read in the answer
+and again a second later). Prints throughput, p50/p99 latency, errors by status, swaps and
+cold loads (in all and per budget phase) and served accuracy per model, and writes a JSON
+report.
 """
 
 from __future__ import annotations
@@ -93,20 +95,33 @@ def run(url: str, clients: int, seconds: float, budgets: list[str], *, batch: in
     for t in threads:
         t.start()
     changes = []
+    marks = [before]  # /metrics at each change: cold loads and swaps per phase
     for i, b in enumerate(budgets):
         target = start + seconds * (i + 1) / (len(budgets) + 1)
         time.sleep(max(0.0, target - time.perf_counter()))
+        marks.append(_metrics(http))
         t0 = time.perf_counter()
         r = httpx.put(f"{http}/v2/memadapt/budget", json={"budget": b}, timeout=120)
+        ok = r.status_code == 200
         changes.append({"at_s": round(t0 - start, 2), "budget": b, "status": r.status_code,
                         "took_s": round(time.perf_counter() - t0, 3),
-                        "resident": r.json().get("resident") if r.status_code == 200 else None})
+                        "plan_budget_bytes": r.json().get("plan_budget_bytes") if ok else None,
+                        # right after the change a model may be between variants (loading)
+                        "resident": r.json().get("resident") if ok else None})
+        time.sleep(1.0)
+        changes[-1]["resident_1s_later"] = httpx.get(f"{http}/v2/memadapt/budget",
+                                                     timeout=30).json().get("resident")
     time.sleep(max(0.0, start + seconds - time.perf_counter()))
     stop.set()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     after = _metrics(http)
+    marks.append(after)
+    phases = [{"budget": b, "cold_loads": _sum(m1, "memadapt_cold_loads_total")
+               - _sum(m0, "memadapt_cold_loads_total"),
+               "swaps": _sum(m1, "memadapt_swaps_total") - _sum(m0, "memadapt_swaps_total")}
+              for b, m0, m1 in zip(["start", *budgets], marks, marks[1:])]
     admin.close()
     lat = np.array([r[2] for r in records if r[1] == 200])
     statuses = Counter(r[1] for r in records)
@@ -127,7 +142,7 @@ def run(url: str, clients: int, seconds: float, budgets: list[str], *, batch: in
         "swaps": _sum(after, "memadapt_swaps_total") - _sum(before, "memadapt_swaps_total"),
         "cold_loads": _sum(after, "memadapt_cold_loads_total")
         - _sum(before, "memadapt_cold_loads_total"),
-        "budget_changes": changes, "models": per_model,
+        "budget_changes": changes, "phases": phases, "models": per_model,
     }
 
 
@@ -154,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{rep['throughput_rps']} req/s, p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
     print(f"statuses {rep['statuses']}; failed {rep['failed']}; swaps {rep['swaps']:.0f}; "
           f"cold loads {rep['cold_loads']:.0f}")
-    for c in rep["budget_changes"]:
+    for c, ph in zip(rep["budget_changes"], rep["phases"][1:]):
         print(f"  t={c['at_s']:>6}s budget -> {c['budget']}: HTTP {c['status']} in "
-              f"{c['took_s']} s; resident {c['resident']}")
+              f"{c['took_s']} s; resident {c['resident']}, 1 s later "
+              f"{c['resident_1s_later']}; {ph['cold_loads']:.0f} cold loads, "
+              f"{ph['swaps']:.0f} swaps until the next change")
     for n, m in rep["models"].items():
         acc = m["served_accuracy"]
         print(f"  {n}: {m['ok']}/{m['requests']} ok, served accuracy "

@@ -431,3 +431,30 @@ def test_serve_command_refuses_bad_aliases_with_exit_2(tiny_store, tmp_path, fla
                                       "--budget", "1GB", "--port", "0", *flags])
     assert r.exit_code == 2, r.output
     assert "--alias" in r.output and needle in " ".join(r.output.split())
+
+
+def test_budget_and_plan_show_the_budget_the_policy_plans_with(tiny_store):
+    # resnet10's load peaks 100 MB above its steady size: the cache keeps that back from
+    # the policy, and the plan the server shows must fit what the policy has, not the budget
+    from adaptive.cache import VariantCache
+    from adaptive.serve import ServerThread, create_app
+
+    cands = {"resnet10": [Candidate("resnet10", 300 * MB, 0.95, load_peak_bytes=400 * MB),
+                          Candidate("resnet10+int8", 80 * MB, 0.93)],
+             "bert-tiny": [Candidate("bert-tiny", 200 * MB, 1.0),
+                           Candidate("bert-tiny+int8", 60 * MB, 0.98)]}
+    cache = VariantCache(tiny_store, budget=1000 * MB, candidates=cands, threads=1).start()
+    try:
+        with ServerThread(create_app(cache)) as url:
+            b = httpx.get(f"{url}/v2/memadapt/budget").json()
+            assert b["budget_bytes"] == 1000 * MB and b["plan_budget_bytes"] == 900 * MB
+            r = httpx.put(f"{url}/v2/memadapt/budget", json={"budget": 250 * MB}, timeout=60)
+            assert r.json()["plan_budget_bytes"] == 150 * MB
+            plan = httpx.get(f"{url}/v2/memadapt/plan").json()
+            assert plan["budget_bytes"] == 250 * MB and plan["plan_budget_bytes"] == 150 * MB
+            # 250 MB would plan bert-tiny at full size; 150 MB holds only the int8 pair
+            assert plan["planned_bytes"] == 140 * MB
+            assert {m["model"]: m["planned"] for m in plan["models"]} == {
+                "resnet10": "resnet10+int8", "bert-tiny": "bert-tiny+int8"}
+    finally:
+        cache.close()

@@ -280,8 +280,8 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def budget_view() -> dict[str, Any]:
         st = cache.stats()
-        return {"budget_bytes": st.budget_bytes, "resident_bytes": st.bytes_resident,
-                "source": repr(cache.budget_source),
+        return {"budget_bytes": st.budget_bytes, "plan_budget_bytes": cache.plan_budget,
+                "resident_bytes": st.bytes_resident, "source": repr(cache.budget_source),
                 "resident": {m.model: m.variant for m in st.models.values() if m.variant}}
 
     @app.get("/v2/memadapt/budget", response_model=S.Budget)
@@ -308,14 +308,17 @@ def create_app(cache: Any, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
         # a model nobody asked for yet still gets planned, after every requested one
         demands = [ModelDemand(m, cache.candidates(m), floor=s.floor, rate=s.rate + 1e-9)
                    for m, s in st.models.items()]
-        p = select(demands, st.budget_bytes, objective=cache.objective,
+        # what the policy plans with: the budget less the headroom for one load's peak
+        limit = cache.plan_budget
+        p = select(demands, limit, objective=cache.objective,
                    resident={m: s.variant for m, s in st.models.items()})
         rows = [{"model": m, "resident": s.variant, "planned": p.choice.get(m),
                  "floor": s.floor, "rate": s.rate,
                  "memory_bytes": p.details[m].memory_bytes if p.details.get(m) else 0}
                 for m, s in st.models.items()]
-        return {"budget_bytes": st.budget_bytes, "resident_bytes": st.bytes_resident,
-                "planned_bytes": p.memory_bytes, "objective": p.objective, "models": rows}
+        return {"budget_bytes": st.budget_bytes, "plan_budget_bytes": limit,
+                "resident_bytes": st.bytes_resident, "planned_bytes": p.memory_bytes,
+                "objective": p.objective, "models": rows}
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})

@@ -122,11 +122,18 @@ class BudgetRequest(BaseModel):
                                           "source: \"cgroup\", \"cuda-free\"")
 
 
+_PLAN_BUDGET = ("what the policy plans with: the budget less the headroom kept for one "
+                "load's transient peak")
+_RESIDENT_BYTES = "charged bytes: sessions in service and draining, loads under way"
+
+
 class Budget(BaseModel):
     budget_bytes: int
-    resident_bytes: int
+    plan_budget_bytes: int = Field(description=_PLAN_BUDGET)
+    resident_bytes: int = Field(description=_RESIDENT_BYTES)
     source: str
-    resident: dict[str, str]
+    resident: dict[str, str] = Field(description="model -> the variant in service; a model "
+                                     "whose variant is still loading is not listed")
 
 
 class PlannedModel(BaseModel):
@@ -140,7 +147,8 @@ class PlannedModel(BaseModel):
 
 class PlanView(BaseModel):
     budget_bytes: int
-    resident_bytes: int
+    plan_budget_bytes: int = Field(description=_PLAN_BUDGET)
+    resident_bytes: int = Field(description=_RESIDENT_BYTES)
     planned_bytes: int
     objective: str
     models: list[PlannedModel]
