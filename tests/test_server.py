@@ -285,6 +285,9 @@ def test_infeasible_budget_is_503_then_serves_again(client, server):
         client.infer("resnet10", _inputs({"input": _image(1)}))
     assert _status(e) == 503 and "resnet10+int8" in e.value.message()
     assert not client.is_model_ready("resnet10")
+    with pytest.raises(InferenceServerException) as e:  # nor can the repository load it
+        client.load_model("resnet10")
+    assert _status(e) == 503 and "resnet10+int8" in e.value.message()
     r = httpx.put(f"{server}/v2/memadapt/budget", json={"budget": "1GB"}, timeout=60)
     assert r.status_code == 200
     assert client.infer("resnet10", _inputs({"input": _image(1)})).as_numpy("logits").shape == \

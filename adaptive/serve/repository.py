@@ -11,7 +11,12 @@ variant says whether that variant is resident now; at ``"1"`` it is the model's 
 
 Every model the cache serves starts *available*: it is loaded on its first request, as the
 cache always does. ``unload`` takes a model out of service (its requests are refused until
-``load``); ``load`` puts it back and brings its best variant that fits resident now.
+``load``); ``load`` puts it back and makes it resident now. The cache has no way to load a
+model other than a request, so ``load`` sends one (a batch of one in the exported shape):
+the variant is the one the policy loads for a miss (memadapt: the fastest eligible to load,
+a better one following beside it when memory allows), the warm-up counts as a request in
+the cache's own counters (``memadapt_hits``/``memadapt_misses``, not the per-model request
+metrics), and the model is not pinned: the policy may shed it later like any other.
 """
 
 from __future__ import annotations
@@ -167,9 +172,10 @@ class Repository:
         return rows
 
     def load(self, model: str) -> str:
-        """Make ``model`` available and resident now at its best variant that fits (a warm-up
-        request at batch 1); returns that variant. Raises InfeasibleBudget when none meeting
-        the floor fits. Not pinned: the cache may shed it later like any other model."""
+        """Make ``model`` available and resident now (a warm-up request at batch 1 when no
+        variant is resident); returns the resident variant. Raises InfeasibleBudget when none
+        meeting the floor fits. Not pinned: the cache may shed it later like any other model
+        (see the module docstring)."""
         info = self.info(model)
         with self._lock:
             self._unloaded.discard(model)

@@ -110,7 +110,8 @@ class LoadRequest(BaseModel):
 
 class Loaded(BaseModel):
     name: str
-    variant: str
+    variant: str = Field(description="the variant resident after the load (not pinned: "
+                                     "memadapt may change or shed it later)")
 
 
 class Unloaded(BaseModel):
