@@ -156,6 +156,9 @@ def serve_ray(config: ServeConfig, replicas: int, address: str | None = None, *,
         raise AdaptiveError("--ray needs Ray Serve: pip install 'memadapt[ray]'") from None
     if replicas < 1:
         raise AdaptiveError(f"replicas must be >= 1, got {replicas}")
+    from adaptive.serve.server import served_models
+
+    served_models(config)  # a bad alias is refused here, not in every replica
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})

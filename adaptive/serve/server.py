@@ -109,13 +109,14 @@ def with_aliases(aliases: Mapping[str, str], candidates: Mapping[str, Any],
     return out, fl
 
 
-def build_cache(config: ServeConfig) -> Any:
-    """The :class:`VariantCache` ``config`` describes (not started). A floor (or SLO) under
-    the model name ``*`` applies to every model without its own."""
-    from adaptive.cache import CacheConfig, VariantCache, catalog_candidates
+def served_models(config: ServeConfig, store: Any = None
+                  ) -> tuple[dict[str, Any], dict[str, float]]:
+    """The candidates of every model ``config`` serves (aliases included) and the floors the
+    profiles give them; raises :class:`AliasError` for an alias that cannot be served."""
+    from adaptive.cache import catalog_candidates
     from variants.store import Store
 
-    store = Store(config.store)
+    store = Store(config.store) if store is None else store
     floors: dict[str, float] = {}
     if config.profiles:
         from adaptive.catalog import demands_from_json
@@ -125,7 +126,17 @@ def build_cache(config: ServeConfig) -> Any:
         floors = {d.model: d.floor for d in demands if d.floor}
     else:
         candidates = catalog_candidates(store, config.device, config.backend, config.max_batch)
-    candidates, floors = with_aliases(config.aliases, candidates, floors)
+    return with_aliases(config.aliases, candidates, floors)
+
+
+def build_cache(config: ServeConfig) -> Any:
+    """The :class:`VariantCache` ``config`` describes (not started). A floor (or SLO) under
+    the model name ``*`` applies to every model without its own."""
+    from adaptive.cache import CacheConfig, VariantCache
+    from variants.store import Store
+
+    store = Store(config.store)
+    candidates, floors = served_models(config, store)
     floors.update(per_model(config.floors, candidates))
     slos = per_model(config.slos, candidates)
     # a server owns its process: pin the allocator so resident memory follows the catalog
