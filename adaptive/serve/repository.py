@@ -15,8 +15,9 @@ cache always does. ``unload`` takes a model out of service (its requests are ref
 model other than a request, so ``load`` sends one (a batch of one in the exported shape):
 the variant is the one the policy loads for a miss (memadapt: the fastest eligible to load,
 a better one following beside it when memory allows), the warm-up counts as a request in
-the cache's own counters (``memadapt_hits``/``memadapt_misses``, not the per-model request
-metrics), and the model is not pinned: the policy may shed it later like any other.
+the cache's counters (hits, misses, cold loads, the policy's request rates) though not in
+the server's latency and SLO metrics, and the model is not pinned: the policy may shed it
+later like any other.
 """
 
 from __future__ import annotations
