@@ -815,14 +815,17 @@ class VariantCache:
         return self._clock(), time.perf_counter()
 
     def _install(self, st: _Model, cand: Candidate, session: Any, hold: Hold,
-                 kind: str, started: tuple[float, float] | None = None) -> _Entry | None:
+                 kind: str, started: tuple[float, float] | None = None,
+                 ended: float | None = None) -> _Entry | None:
         """Lock held: make a loaded session current; return the old entry if the caller must
         release it now. A load that requests waited for (nothing was serving) records when it
-        ended on the cache's clock: its start there plus the wall time it took."""
+        ended on the cache's clock: its start there plus the wall time it took (until
+        ``ended`` on the wall clock, default now)."""
         entry = _Entry(st.name, cand, session, hold)
         old = st.current
         if old is None and started is not None:
-            st.ready_at = started[0] + (time.perf_counter() - started[1])
+            end = time.perf_counter() if ended is None else ended
+            st.ready_at = started[0] + (end - started[1])
             st.ready_kind = "stalls" if st.stalling else "misses"
         if kind in ("cold_loads", "prefetches"):  # newly resident (a swap keeps its place)
             self._since += 1

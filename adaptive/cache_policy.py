@@ -16,6 +16,13 @@ The mirror assumes each load takes its profiled ``load_s``; a real load may take
 load the policy planned into memory that is still held waits (until ``wait_timeout_s``) for
 it rather than exceed the budget. A failed load takes the model out of the mirror too, so the
 next request decides again.
+
+On a trace clock (``CacheConfig.trace_clock``, a replay) a real load takes no trace time, so a
+make-before-break side load is loaded at once but **installed only when the mirror completes
+it** (``load_s`` later on that clock): until then it is *parked*, charged beside the serving
+variant as the mirror charges it, and a policy that abandons it meanwhile only releases it,
+as the simulator only cancels it (switching early, the real cache served a variant the
+simulator did not, and abandoning it then cost a downgrade the simulator never made).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adaptive.admission import Rates
 from adaptive.driver import PolicyDriver, Target
@@ -39,9 +47,11 @@ log = logging.getLogger(__name__)
 
 
 class _Job:
-    """A load of ``cand`` for ``st`` the policy asked for; ``state``: queued, running, done."""
+    """A load of ``cand`` for ``st`` the policy asked for; ``state``: queued, running, done
+    (``parked`` when done on a trace clock before the mirror completed it)."""
 
-    __slots__ = ("st", "cand", "mbb", "kind", "state", "discard", "error", "started", "then")
+    __slots__ = ("st", "cand", "mbb", "kind", "state", "discard", "error", "started", "then",
+                 "parked")
 
     def __init__(self, st: _Model, cand: Candidate, mbb: bool, kind: str):
         self.st = st
@@ -53,6 +63,8 @@ class _Job:
         self.error: BaseException | None = None
         self.started: tuple[float, float] | None = None
         self.then: Candidate | None = None  # a variant to load beside it once it is in
+        #: (session, hold, wall clock at the end of its load): loaded, waiting for the mirror
+        self.parked: tuple[Any, Any, float] | None = None
 
 
 class PolicyRules:
@@ -161,8 +173,12 @@ class PolicyRules:
                 if job.st.job is job:
                     job.st.job = None
             self.queue.clear()
+            for st in c._models.values():
+                if st.job is not None and st.job.parked is not None:
+                    self._drop(st.job)
             c._cond.notify_all()
             workers = list(self.workers)
+        self._flush()
         for w in workers:
             if w is not threading.current_thread():
                 w.join(timeout=c.config.wait_timeout_s)
@@ -188,8 +204,11 @@ class PolicyRules:
         c = self.c
         serve = st.cands[tg.serve] if tg.serve >= 0 else None
         beside = st.cands[tg.beside] if tg.beside >= 0 else None
-        cur = st.current.cand if st.current is not None else None
         job = st.job
+        if job is not None and job.parked is not None and job.cand is serve:
+            self._unpark(st, job, stall=tg.bbm)  # the mirror completed it (or broke the old)
+            job = None
+        cur = st.current.cand if st.current is not None else None
         if serve is None:  # evicted
             if job is not None:
                 self._drop(job)
@@ -252,6 +271,33 @@ class PolicyRules:
         job.discard = True
         if job.st.job is job:
             job.st.job = None
+        if job.parked is not None:  # loaded beside, never installed: its bytes come back
+            session, hold, _ = job.parked
+            job.parked = None
+            release = Entry(job.st.name, job.cand, session, hold)
+            self.c._ledger.retire(hold)
+            release.retired = release.releasing = True
+            self.releases.append(release)
+
+    def _parks(self, job: _Job) -> bool:
+        """Lock held: whether ``job``, just loaded, waits for the mirror before it installs: a
+        make-before-break side load on a trace clock that the mirror has not completed yet."""
+        st = job.st
+        return (self.c.config.trace_clock and job.mbb and st.current is not None
+                and self.driver.state.pend[st.index] == st.index_of[job.cand.variant])
+
+    def _unpark(self, st: _Model, job: _Job, *, stall: bool) -> None:
+        """Lock held: install ``job``'s parked session. With ``stall`` the policy broke the
+        serving variant first: requests that arrive, on the clock, before the load ended
+        would have waited for it (the load's start there plus the wall time it took)."""
+        session, hold, ended = job.parked
+        job.parked = None
+        st.job = None
+        if stall:
+            self._retire(st, stall=True)
+        release = self.c._install(st, job.cand, session, hold, job.kind, job.started, ended)
+        if release is not None:
+            self.releases.append(release)
 
     def _spawn(self) -> None:
         c = self.c
@@ -347,6 +393,9 @@ class PolicyRules:
                         continue
                     job = self._start(st, st.cands[v], mbb=False, old=None, requester=st)
                 waited = job
+                if job.parked is not None:  # nothing serves it any more: the load is in
+                    self._unpark(st, job, stall=False)
+                    continue
                 if job.state == "queued":
                     job.state = "running"  # ours to make (or claimed from the queue)
                     c._lock.release()
@@ -397,6 +446,8 @@ class PolicyRules:
                 release = Entry(st.name, cand, session, hold)
                 c._ledger.retire(hold)
                 release.retired = release.releasing = True
+            elif self._parks(job):
+                job.parked = (session, hold, time.perf_counter())
             else:
                 st.job = None
                 release = c._install(st, cand, session, hold, job.kind, job.started)

@@ -93,12 +93,34 @@ class CacheState:
         self.swaps = 0
         self.cancels = 0
         self.bytes_loaded = 0
+        #: the time of the latest event: callers set it (or :meth:`settle` does) before each
+        #: request and budget change, so an evict without a time happens then
+        self.now = 0.0
+        # swaps carried out, by direction (see :attr:`downgrades`), and the break-before-make
+        # ones still loading: model -> (ready time, old candidate, new candidate)
+        self._swapped = [0, 0]
+        self._switching: dict[int, tuple[float, int, int]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
     def best_fit(self, m: int, limit: float) -> int:
         """The most accurate eligible candidate of ``m`` taking at most ``limit`` bytes, or -1."""
         return self.ladders.best_fit(m, limit)
+
+    @property
+    def downgrades(self) -> int:
+        """Swaps carried out to a smaller (or, as large, less accurate) variant: what a real
+        cache counts when it switches a model to its new variant. A make-before-break swap
+        counts once its load completes (not when cancelled), a break-before-make one unless
+        the model is evicted or swapped again before its load completes."""
+        return self._swapped[0] + sum(self._down(m, old, new)
+                                      for m, (_, old, new) in self._switching.items())
+
+    @property
+    def upgrades(self) -> int:
+        """Swaps carried out to a larger (or more accurate) variant; see :attr:`downgrades`."""
+        return self._swapped[1] + sum(not self._down(m, old, new)
+                                      for m, (_, old, new) in self._switching.items())
 
     @property
     def free(self) -> int:
@@ -136,11 +158,15 @@ class CacheState:
 
     def settle(self, t: float) -> None:
         """Complete every make-before-break load that is done by ``t``."""
+        if t > self.now:
+            self.now = t
         heap = self._heap
         while heap and heap[0][0] <= t:
             at, m, v = heapq.heappop(heap)
             if self.pend[m] != v or self.pend_at[m] != at:
                 continue  # cancelled or replaced
+            self._leaving(m, at)
+            self._switched(m, self.res[m], v)
             self.used -= self.mem[m][self.res[m]]
             self.res[m] = v
             self.ready_at[m] = at
@@ -148,6 +174,21 @@ class CacheState:
             self.pend[m] = -1
             self.pend_at[m] = math.inf
             self._start_waiting(m, at, on_time=True)
+
+    def _down(self, m: int, old: int, new: int) -> bool:
+        return (self.mem[m][new], self.acc[m][new]) < (self.mem[m][old], self.acc[m][old])
+
+    def _switched(self, m: int, old: int, new: int) -> None:
+        self._swapped[0 if self._down(m, old, new) else 1] += 1
+
+    def _leaving(self, m: int, t: float | None) -> None:
+        """``m``'s variant changes again (or goes) at ``t``: a break-before-make swap to it
+        counts if its load had completed by then."""
+        if t is not None and t > self.now:
+            self.now = t
+        sw = self._switching.pop(m, None)
+        if sw is not None and sw[0] <= (self.now if t is None else t):
+            self._switched(m, sw[1], sw[2])
 
     def _start_waiting(self, a: int, t: float, on_time: bool) -> None:
         """Model ``a``'s downgrade freed its memory at ``t``: the load waiting for it starts
@@ -212,6 +253,7 @@ class CacheState:
         v = self.res[m]
         if v < 0:
             raise CacheInvariantError(f"evict {self.names[m]!r}: not resident")
+        self._leaving(m, t)
         if m in self.queued:  # a load still waiting for memory: drop it
             a = next(a for a, (w, _, _) in self.succ.items() if w == m)
             del self.succ[a]
@@ -263,6 +305,8 @@ class CacheState:
             self.bytes_loaded += self.mem[m][v]
             at = t + self.load_s[m][v]
             if at <= t and self.ready_at[m] <= t:  # nothing to load: switch now
+                self._leaving(m, t)
+                self._switched(m, cur, v)
                 self.used -= self.mem[m][cur]
                 self.res[m] = v
                 return
@@ -289,6 +333,8 @@ class CacheState:
             self.bytes_loaded += self.mem[m][v]
             at = t + self.load_s[m][v]
         waiting_load = self.ready_at[m] > t and not self.stalling[m]
+        self._leaving(m, t)
+        self._switching[m] = (max(at, t), cur, v)
         self.res[m] = v
         self.ready_at[m] = max(at, t)
         # requests already waiting for a cold load keep waiting for a load (misses)

@@ -108,7 +108,8 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
            backend: str = "onnxruntime", batch: int = 1, max_requests: int | None = None,
            threads: int | None = 1,
            candidates: Mapping[str, Sequence[Candidate]] | Sequence[ModelDemand] | None = None,
-           policy: str = "memadapt", progress: Progress | None = None) -> ReplayReport:
+           policy: str = "memadapt", pin_allocator: bool = True,
+           progress: Progress | None = None) -> ReplayReport:
     """Run ``trace`` (its first ``max_requests`` requests) through a real VariantCache run by
     ``policy`` and through :func:`adaptive.simulate` with the same policy, on the same
     candidates and ``budget`` (bytes or a size such as ``"64MiB"``); report both side by side.
@@ -126,6 +127,14 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     ``batch``. ``floors`` (trace model or store model -> accuracy floor) override them; a
     store model's floor applies to every trace model it backs. ``threads`` is each session's
     intra-op threads (profile with the same number for comparable latency).
+
+    ``pin_allocator`` (CPU): the real cache runs as the profiler measured and as ``memadapt
+    serve`` runs, with glibc's mmap threshold pinned (:func:`profiler.memory.pin_allocator`,
+    a setting of the whole process, kept after the replay). Without it run times are not the
+    profile's: pinned, a run's buffers above 128 KiB are fresh mappings, page-faulted in on
+    every run (about 4,700 minor faults per int8 ResNet-18 run), where unpinned they come back
+    from the heap, and int8 MiniLM and ResNet-18 ran 1.4x and 3.6x faster on the machine of
+    ``benchmarks/results/replay.md``: the real side would not be what the simulator models.
     """
     from adaptive.cache import VariantCache
     from adaptive.catalog import map_population
@@ -191,7 +200,7 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
         slos={d.model: d.slo_s for d in demands if d.slo_s is not None},
         candidates={d.model: list(d.candidates) for d in demands}, aliases=base_of,
         max_batch=batch, clock=lambda: now[0], threads=threads, swap_workers=0, trace_clock=True,
-        rebalance_interval_s=None, **settings)
+        rebalance_interval_s=None, pin_allocator=pin_allocator, **settings)
     plan_budget = cache.plan_budget
     log.info("simulating %d requests over %d models with %s", len(trace), len(demands), policy)
     sim = simulate(trace, demands, get_policy(policy), plan_budget)
@@ -244,7 +253,6 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     def share(x: np.ndarray) -> float:
         return float(x.mean()) if served else 0.0
 
-    ps = sim.policy_stats
     metrics = (
         ReplayMetric("miss_rate", sim.miss_rate, share(kind[ok] == 1)),
         ReplayMetric("stall_rate", sim.stall_rate, share(kind[ok] == 2)),
@@ -254,8 +262,9 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
                      float(np.percentile(lat[ok], 99)) if served else 0.0),
         ReplayMetric("mean_accuracy", sim.mean_accuracy, share(acc[ok])),
         ReplayMetric("evictions", float(sim.evictions), float(stats.evictions)),
-        ReplayMetric("downgrades", float(ps.get("downgrades", 0)), float(stats.downgrades)),
-        ReplayMetric("upgrades", float(ps.get("upgrades", 0)), float(stats.upgrades)),
+        # swaps carried out on each side (a policy's own counters count those it began)
+        ReplayMetric("downgrades", float(sim.downgrades), float(stats.downgrades)),
+        ReplayMetric("upgrades", float(sim.upgrades), float(stats.upgrades)),
     )
     counts = {k: int(getattr(stats, k)) for k in (
         "requests", "hits", "misses", "stalls", "failures", "cold_loads", "prefetches",

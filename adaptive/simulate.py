@@ -83,6 +83,10 @@ class SimResult:
     effective_accuracy: float = 0.0
     normalized_accuracy: float = 0.0
     bytes_loaded: int = 0
+    #: swaps carried out, by direction (:attr:`adaptive.cachestate.CacheState.downgrades`):
+    #: a cancelled make-before-break swap is not one
+    downgrades: int = 0
+    upgrades: int = 0
     #: (time_s, resident_bytes, budget_bytes), downsampled to about SERIES_POINTS points
     memory_series: tuple[tuple[float, int, int], ...] = field(default=(), repr=False)
     policy_stats: Mapping[str, float] = field(default_factory=dict, compare=False)
@@ -164,6 +168,7 @@ def simulate(trace: RequestTrace, demands: Sequence[ModelDemand], policy: Policy
                 series.append((next_bt, cache.used, cache.budget))
                 bj += 1
                 next_bt = b_times[bj] if bj < len(b_times) else math.inf
+            cache.now = t
             if heap and heap[0][0] <= t:
                 settle(t)
             m = ms[i]
@@ -248,6 +253,8 @@ def simulate(trace: RequestTrace, demands: Sequence[ModelDemand], policy: Policy
         normalized_accuracy=(float((acc / np.maximum(best_m[mo], 1e-12)).mean()) if n_served
                              else 0.0),
         bytes_loaded=cache.bytes_loaded,
+        downgrades=cache.downgrades,
+        upgrades=cache.upgrades,
         memory_series=tuple(series),
         policy_stats=pol.stats(),
         wall_s=wall,

@@ -293,6 +293,38 @@ def test_memadapt_upgrades_beside_the_serving_variant_on_a_worker(store, refs):
     cache.close()
 
 
+@pytest.mark.parametrize("abandoned", [False, True])
+def test_on_a_trace_clock_a_side_load_installs_when_the_mirror_completes_it(store, refs,
+                                                                            abandoned):
+    """A replay's loads take no trace time: the upgrade memadapt starts beside a fresh load is
+    in at once for real, but serves only from its estimated end (0.5 s later on the clock), as
+    in the simulator; abandoned before then (a miss needs its room) it is only released, no
+    downgrade back to a variant the simulator never left."""
+    cands = {"resnet10": [Candidate("resnet10", 400, 0.95, 0.001, 0.5),
+                          Candidate("resnet10+int8", 120, 0.90, 0.001, 0.05)],
+             "bert-tiny": [Candidate("bert-tiny", 300, 0.92, 0.001, 0.05)]}
+    clock = FakeClock()
+    cache = make(store, candidates=cands, budget=600, policy="memadapt", clock=clock,
+                 policy_options={"reserve_unseen": False}, swap_workers=0, trace_clock=True)
+    assert cache.infer("resnet10", INPUTS["resnet10"][0]).variant == "resnet10+int8"
+    assert cache.resident_bytes() == 520  # the upgrade is loaded, charged beside it
+    clock.t = 0.1
+    if abandoned:
+        assert cache.infer("bert-tiny", INPUTS["bert-tiny"][0]).cold
+        assert cache.resident_bytes() == 420
+    res = cache.infer("resnet10", INPUTS["resnet10"][0])
+    assert res.variant == "resnet10+int8" and not res.cold
+    clock.t = 1.0
+    res = cache.infer("resnet10", INPUTS["resnet10"][1])
+    check(res, refs, 1)
+    assert res.variant == ("resnet10+int8" if abandoned else "resnet10") and not res.cold
+    stats = cache.stats()
+    assert (stats.upgrades, stats.downgrades) == ((0, 0) if abandoned else (1, 0))
+    assert cache.resident_bytes() == (420 if abandoned else 400)
+    cache.close()
+    assert cache.resident_bytes() == 0
+
+
 def test_load_peak_is_charged_while_loading(store):
     audit = []
     cands = {"resnet10": [Candidate("resnet10", 400, 0.95, load_peak_bytes=600)],

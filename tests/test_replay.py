@@ -3,6 +3,9 @@
 A small profiled store (resnet10 and bert-tiny, each with an int8 variant); six trace models
 are backed by its two models, and the budget holds fewer than all of them even at their
 smallest, so the replay sees misses and evictions.
+
+A replay pins the allocator (a setting of the whole process); here that call is only
+recorded, so the test process keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from click.testing import CliRunner
 
 import profiler
 import variants
-from adaptive.catalog import demands_from_catalog
+from adaptive import Candidate
+from adaptive.cachestate import CacheState
+from adaptive.catalog import candidates_from_catalog, demands_from_catalog
 from adaptive.errors import AdaptiveError
 from adaptive.replay import ReplayMetric, replay
+from adaptive.select import ModelDemand
 from adaptive.traces import RequestTrace, synth, write_requests
 from cli import main
 
@@ -38,6 +44,16 @@ def store(tiny_store, tmp_path_factory):
     return st
 
 
+@pytest.fixture(autouse=True)
+def pinned(monkeypatch) -> list:
+    """Calls to pin the allocator, recorded instead of made."""
+    import profiler.memory
+
+    calls: list = []
+    monkeypatch.setattr(profiler.memory, "pin_allocator", lambda *a: calls.append(a) or True)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def trace() -> RequestTrace:
     return synth("zipf", TRACE_MODELS, 300, seed=1, duration_s=600)
@@ -53,11 +69,9 @@ def budget(store) -> int:
     return int(0.7 * per_family * len(TRACE_MODELS) / len(fams))
 
 
-def test_replay_matches_the_simulator(store, trace, budget):
-    # memadapt-v1 swaps only when a request or a re-plan says so, so its swap counts agree
-    # one for one; memadapt's side loads finish sooner for real than the mirror estimates,
-    # and one it then abandons costs the real cache a downgrade the simulator never makes
-    report = replay(store, trace, budget=budget, policy="memadapt-v1")
+@pytest.mark.parametrize("policy", ["memadapt", "memadapt-v1"])
+def test_replay_matches_the_simulator(store, trace, budget, policy):
+    report = replay(store, trace, budget=budget, policy=policy)
     assert report.failures == 0 and report.rejected == 0 and not report.errors
     assert report.served == report.requests == len(trace)
     assert set(report.models) == set(TRACE_MODELS)
@@ -95,6 +109,66 @@ def test_every_policy_replays_as_simulated(store, trace, budget, policy):
         replay(store, trace, budget=budget, policy="belady")
     with pytest.raises(AdaptiveError, match="unknown policy 'nope'"):
         replay(store, trace, budget=budget, policy="nope")
+
+
+def test_memadapt_side_loads_serve_and_swap_as_simulated(store, trace):
+    """memadapt upgrades make-before-break into spare memory (here 5 s loads on the trace's
+    clock, which real loads do not advance): each side load is in at once for real but serves
+    only from the mirror's estimated end, so the variants served and the swaps carried out
+    agree one for one (the candidates' sizes are made up; the sessions are real)."""
+    cands = {"resnet10": [Candidate("resnet10", 400, 0.95, 0.001, 5.0),
+                          Candidate("resnet10+int8", 120, 0.90, 0.001, 0.05)],
+             "bert-tiny": [Candidate("bert-tiny", 300, 0.95, 0.001, 5.0),
+                           Candidate("bert-tiny+int8", 100, 0.90, 0.001, 0.05)]}
+    report = replay(store, trace, budget=1300, policy="memadapt", candidates=cands)
+    assert report.failures == 0 and not report.errors
+    for name in ("miss_rate", "stall_rate", "evictions", "downgrades", "upgrades"):
+        m = report.metric(name)
+        assert m.real == m.simulated, name
+    assert report.metric("upgrades").real > 0 and report.metric("downgrades").real > 0
+    acc = report.metric("mean_accuracy")
+    assert acc.real == pytest.approx(acc.simulated, abs=1e-12)
+
+
+def test_the_simulator_counts_swaps_carried_out():
+    """What the replay compares with the real cache's swaps: a side load abandoned is none,
+    nor a break-before-make swap whose model goes before its load completes."""
+    s = CacheState([ModelDemand("a", [Candidate("small", 10, 0.8, 0.0, 1.0),
+                                      Candidate("big", 50, 0.9, 0.0, 1.0)])], 100)
+    s.load(0, 0, 0.0)
+    s.swap(0, 1, 1.0, "mbb")
+    s.cancel(0)
+    s.swap(0, 1, 2.0, "mbb")
+    assert (s.upgrades, s.downgrades) == (0, 0)  # still loading beside
+    s.settle(3.0)
+    s.swap(0, 0, 4.0, "bbm")  # loading until 5.0
+    assert (s.upgrades, s.downgrades, s.swaps) == (1, 1, 3)
+    s.evict(0, 4.5)  # before its load completed: never carried out
+    assert (s.upgrades, s.downgrades) == (1, 0)
+    s.load(0, 1, 6.0)
+    s.swap(0, 0, 7.0, "bbm")
+    s.settle(9.0)
+    s.swap(0, 1, 9.0, "bbm")  # the downgrade had completed
+    assert (s.upgrades, s.downgrades) == (2, 1)
+
+
+def test_load_time_is_until_the_variant_can_run(store):
+    """The profiler times a cold load through the session's first run; whoever waits for a
+    load adds its own run (the simulator its latency_s, the cache the real run), so the
+    catalog takes that run off."""
+    cands = {c.variant: c for cs in candidates_from_catalog(store, batch=1).values()
+             for c in cs}
+    for p in profiler.load_profiles(store):
+        b = min(p.ok_batches, key=lambda b: b.batch)
+        assert b.load_cold_s > b.latency_p50_s > 0
+        assert cands[p.name].load_s == pytest.approx(b.load_cold_s - b.latency_p50_s)
+
+
+def test_the_real_cache_runs_with_the_profilers_allocator(store, trace, budget, pinned):
+    replay(store, trace, budget=budget, policy="lru", max_requests=10)
+    assert len(pinned) == 1
+    replay(store, trace, budget=budget, policy="lru", max_requests=10, pin_allocator=False)
+    assert len(pinned) == 1
 
 
 def test_max_requests_floors_and_errors(store, trace, budget):
