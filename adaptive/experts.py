@@ -4,7 +4,10 @@ No single order wins everywhere: recency (LRU) wins on bursty traffic, where a m
 now is asked for again soon; frequency per byte (GDSF-like: decayed request rate / bytes)
 wins on shifting popularity, where recency evicts a hot model after one unlucky gap; long-run
 frequency per byte (requests since the model was first seen, per second and byte) wins on
-stable popularity, where a decayed count of a rarely asked model is mostly noise. Like ARC and
+stable popularity, where a decayed count of a rarely asked model is mostly noise; a forecast
+(``next``: Belady-Size on the predicted wait, one smoothed gap after the last request for a
+model whose gaps are regular, the time since its last request otherwise) wins where models are
+called on a timer, as a third of Azure Functions are (Shahrad et al., ATC'20). Like ARC and
 LeCaR, :class:`EvictionExperts` runs one cheap *ghost* cache per order beside the real one
 (model ids only, each at its smallest eligible size, under the same budget), counts each
 ghost's misses with exponential decay, and ranks real residents by the order whose ghost has
@@ -22,7 +25,7 @@ from adaptive.admission import Rates
 __all__ = ["ORDERS", "EvictionExperts"]
 
 #: the eviction orders the experts compare, in tie-break order
-ORDERS = ("gdsf", "lru", "lfu")
+ORDERS = ("gdsf", "lru", "lfu", "next")
 
 
 class EvictionExperts:
@@ -32,7 +35,8 @@ class EvictionExperts:
     forgotten."""
 
     __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_lru_used",
-                 "_gd", "_gd_used", "_lf", "_lf_used", "_logsize", "wins", "total", "first")
+                 "_gd", "_gd_used", "_lf", "_lf_used", "_nx", "_nx_used", "_logsize", "wins",
+                 "total", "first", "gap", "dev", "prev")
 
     def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0):
         self.sizes = [float(s) for s in sizes]
@@ -46,7 +50,12 @@ class EvictionExperts:
         self._gd_used = 0.0
         self._lf: dict[int, None] = {}
         self._lf_used = 0.0
+        self._nx: dict[int, None] = {}
+        self._nx_used = 0.0
         self.total = [0] * len(self.sizes)  # requests since first seen
+        self.gap = [math.inf] * len(self.sizes)  # smoothed time between requests
+        self.dev = [math.inf] * len(self.sizes)  # smoothed |gap - mean gap|
+        self.prev = [0.0] * len(self.sizes)  # the request before (rates.last is this one)
         self.first = [0.0] * len(self.sizes)
         self._logsize = [math.log(max(s, 1.0)) if math.isfinite(s) else math.inf
                          for s in self.sizes]
@@ -57,7 +66,17 @@ class EvictionExperts:
         size = self.sizes[m]
         if not self.total[m]:
             self.first[m] = t
+        else:
+            g = t - self.prev[m]
+            if g >= 0:
+                if self.gap[m] == math.inf:
+                    self.gap[m] = g
+                else:
+                    d = abs(g - self.gap[m])
+                    self.dev[m] = d if self.dev[m] == math.inf else 0.75 * self.dev[m] + 0.25 * d
+                    self.gap[m] = 0.75 * self.gap[m] + 0.25 * g
         self.total[m] += 1
+        self.prev[m] = t
         if t > self.last_t:
             f = 0.5 ** ((t - self.last_t) / self.half_life_s)
             self.score = [s * f for s in self.score]
@@ -95,11 +114,35 @@ class EvictionExperts:
                 self._lf_used -= self.sizes[v]
             lf[m] = None
             self._lf_used += size
+        nx = self._nx
+        if m not in nx:
+            self.score[3] += 1.0
+            nkey = self._next_key(t)
+            while self._nx_used + size > budget and nx:
+                v = min(nx, key=nkey)
+                del nx[v]
+                self._nx_used -= self.sizes[v]
+            nx[m] = None
+            self._nx_used += size
 
     def _long_key(self, t: float):
         """Long-run requests per second and byte (smaller: given up first)."""
         total, first, sizes, tau = self.total, self.first, self.sizes, self.rates.tau_s
         return lambda r: total[r] / (max(t - first[r], tau) * sizes[r])
+
+    def _next_key(self, t: float):
+        """Predicted wait for the next request times bytes, negated (Belady-Size on a
+        forecast: the next request is due one smoothed gap after the last, or one gap from
+        now if overdue; smaller: given up first)."""
+        last, gap, dev, sizes = self.rates.last, self.gap, self.dev, self.sizes
+
+        def key(r: int) -> float:
+            g = gap[r]
+            wait = last[r] + g - t
+            if dev[r] > 0.25 * g or wait < 0:
+                wait = t - last[r]  # not periodic (or overdue): recency
+            return -wait * sizes[r]
+        return key
 
     def shrink(self, budget: float) -> None:
         """The budget dropped: the ghosts give up what no longer fits, each in its order."""
@@ -116,6 +159,11 @@ class EvictionExperts:
             v = min(self._lf, key=lkey)
             del self._lf[v]
             self._lf_used -= self.sizes[v]
+        nkey = self._next_key(self.last_t)
+        while self._nx_used > budget and self._nx:
+            v = min(self._nx, key=nkey)
+            del self._nx[v]
+            self._nx_used -= self.sizes[v]
 
     def order(self) -> int:
         """Index into :data:`ORDERS` of the order whose ghost missed least lately."""
@@ -134,5 +182,7 @@ class EvictionExperts:
             return min(candidates, key=last.__getitem__)
         if ORDERS[k] == "lfu":
             return min(candidates, key=self._long_key(self.last_t))
+        if ORDERS[k] == "next":
+            return min(candidates, key=self._next_key(self.last_t))
         key, ls = self.rates.key, self._logsize
         return min(candidates, key=lambda r: key[r] - ls[r])
