@@ -151,7 +151,8 @@ def test_downgrade_to_an_exit_takes_the_prefix_from_the_pool(store):
     head = ort_host_form(ex, exclude=pool.held(index.values()))
     shared = pool.held(index.values())
     assert shared and set(head.arrays) == {n for n, k in index.items() if k not in shared}
-    with _emptied(head.graph.tensors_path):
+    # neither the stored graph nor its tensors are read: the head's graph bytes are in memory
+    with _emptied(head.graph.tensors_path), _emptied(head.graph.graph_path):
         small = ORT(ex, pool=pool, source=head)
     assert small.read_bytes == sum(a.nbytes for a in head.arrays.values())
     before = pool.bytes()
@@ -161,6 +162,33 @@ def test_downgrade_to_an_exit_takes_the_prefix_from_the_pool(store):
                                rtol=1e-3, atol=1e-4)
     small.close()
     assert pool.bytes() == 0
+
+
+def test_optimised_cpu_sessions_open_without_the_buffer_reuse_pass(store, monkeypatch):
+    import variants.backends as backends
+
+    m = store.get("resnet10+exit2")
+    form = host_form(m, "onnxruntime")
+    opened = [ORT(m), ORT(m, source=form), ORT(m, pool=TensorPool("cpu"), source=form)]
+    assert [s._sess.get_session_options().enable_mem_reuse for s in opened] == [False] * 3
+    assert open_onnx(m.onnx_path)._sess.get_session_options().enable_mem_reuse  # (optimising)
+    monkeypatch.setattr(backends, "CPU_MEM_REUSE", True)
+    assert ORT(m, source=form)._sess.get_session_options().enable_mem_reuse
+    for s in opened:
+        np.testing.assert_allclose(s.run(_x("resnet10")), _ref(store, "resnet10+exit2"),
+                                   rtol=1e-3, atol=1e-4)
+
+
+def test_the_stored_graph_keeps_no_intermediate_shapes(store):
+    import onnx
+
+    for name in ("resnet10+exit2", "task-a"):
+        g = optimized_graph(store.get(name))
+        model = onnx.load(str(g.graph_path), load_external_data=False)
+        assert not model.graph.value_info and model.graph.output[0].type.tensor_type.elem_type
+        assert g.index() == {t.name: t.key for t in g.tensors}
+        g.index().clear()  # a caller's copy: the graph's own stays whole
+        assert len(g.index()) == len(g.tensors)
 
 
 def test_onnxruntime_pool_is_cpu_only(store):
