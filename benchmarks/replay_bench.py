@@ -5,7 +5,10 @@ the real :class:`~adaptive.cache.VariantCache` (real onnxruntime sessions, the t
 :func:`adaptive.replay.replay`) and through :func:`adaptive.simulate` with the same policy,
 candidates and planning budget. The store is the soak's (resnet18 and minilm with int8 and
 exit variants, profiled at batch 1 on one thread; ``benchmarks/soak.py`` builds it, or
-``--store``). Each trace model is its own cache model backed by one of the two stored models.
+``--store``, whose latencies and load times are measured again first unless
+``--no-reprofile``, so the profile and the replay see the same machine). Each trace model is
+its own cache model backed by one of the two stored models. The real cache runs with glibc's
+mmap threshold pinned, as the profiler measured and ``memadapt serve`` runs.
 
 ``python benchmarks/replay_bench.py [--requests 3000] [--budget 600MiB] [--out DIR]`` writes
 ``replay.json`` and ``replay.md`` to ``benchmarks/results/``.
@@ -18,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,31 +37,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="600MiB")
     ap.add_argument("--policy", action="append", default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-reprofile", dest="reprofile", action="store_false",
+                    help="replay with the --store's profile as it is")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     policies = args.policy or ["memadapt", "infaas", "lru"]
 
+    from adaptive.catalog import candidates_from_catalog
     from adaptive.replay import replay
     from adaptive.traces import synth
     from benchmarks.soak import ensure_store
 
     tmp = tempfile.TemporaryDirectory(prefix="memadapt-replay-") if args.store is None else None
-    args.store = ensure_store(args.store or Path(tmp.name) / "store")
+    meter = _Background()
+    args.store = ensure_store(args.store or Path(tmp.name) / "store", reprofile=args.reprofile)
+    profile_background = meter.share()
+    profile = {c.variant: {"latency_ms": 1e3 * c.latency_s, "load_ms": 1e3 * c.load_s}
+               for cs in candidates_from_catalog(args.store, batch=1).values() for c in cs}
     names = [f"svc{i:02d}" for i in range(args.models)]
     trace = synth("azure", names, args.requests, seed=args.seed, duration_s=3600)
     rows = []
     for p in policies:
         print(f"replaying {len(trace)} requests with {p} ...", flush=True)
+        meter = _Background()
         rep = replay(args.store, trace, budget=args.budget, policy=p, threads=1)
+        background = meter.share()
         d = rep.to_dict()
         rows.append({"policy": p, "requests": rep.requests, "served": rep.served,
                      "failures": rep.failures, "budget_bytes": rep.budget_bytes,
                      "plan_budget_bytes": rep.plan_budget_bytes, "wall_s": rep.wall_s,
                      "metrics": d["metrics"], "real_counts": d["real_counts"],
-                     "errors": list(rep.errors)})
+                     "errors": list(rep.errors), "background_cpu": background})
     out = {"trace": {"kind": "azure", "models": args.models, "requests": args.requests,
                      "seed": args.seed, "duration_s": 3600},
            "budget": args.budget, "store": "resnet18 + minilm (int8, exit), batch 1, 1 thread",
+           "profile": dict(sorted(profile.items())),
+           "profile_background_cpu": profile_background,
            "command": f"python benchmarks/replay_bench.py --requests {args.requests} "
                       f"--budget {args.budget}",
            "policies": rows}
@@ -69,6 +84,29 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_path, args.out / name)
     print(_markdown(out))
     return 0
+
+
+class _Background:
+    """The share of the machine's CPU time that others (not this process or its children)
+    used since construction: run times are only comparable on an equally quiet machine."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float]:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz  # all but idle and iowait
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return time.monotonic(), busy, own
+
+    def share(self) -> float:
+        (w0, b0, o0), (w1, b1, o1) = self.start, self._read()
+        cpus = os.cpu_count() or 1
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / max((w1 - w0) * cpus, 1e-9))
 
 
 def _markdown(out: dict) -> str:
@@ -86,6 +124,17 @@ def _markdown(out: dict) -> str:
                 lines.append(f"| {row['policy']} | {name} | {m['simulated'] * scale:{fmt}} | "
                              f"{m['real'] * scale:{fmt}} | "
                              f"{'' if diff is None else format(diff, '+.1%')} |")
+    lines += ["", "The simulator runs each request in its variant's profiled p50 time and has no "
+              "run-time variance, so its p99 is a profiled run or a load; the real p99 is the "
+              "slowest 1% of real runs and loads.", "",
+              "CPU time others used on the machine meanwhile (of all its cores): profile "
+              f"{out['profile_background_cpu']:.0%}, "
+              + ", ".join(f"{r['policy']} {r['background_cpu']:.0%}" for r in out["policies"])
+              + ".", "",
+              "The profile both sides used (p50 run at batch 1; load: until it can run):", "",
+              "| variant | latency ms | load ms |", "|---|---:|---:|"]
+    for v, p in out["profile"].items():
+        lines.append(f"| {v} | {p['latency_ms']:.2f} | {p['load_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
