@@ -55,7 +55,7 @@ class EvictionExperts:
         self.total = [0] * len(self.sizes)  # requests since first seen
         self.gap = [math.inf] * len(self.sizes)  # smoothed time between requests
         self.dev = [math.inf] * len(self.sizes)  # smoothed |gap - mean gap|
-        self.prev = [0.0] * len(self.sizes)  # the request before (rates.last is this one)
+        self.prev = [0.0] * len(self.sizes)  # the latest request before this one
         self.first = [0.0] * len(self.sizes)
         self._logsize = [math.log(max(s, 1.0)) if math.isfinite(s) else math.inf
                          for s in self.sizes]
@@ -76,7 +76,7 @@ class EvictionExperts:
                     self.dev[m] = d if self.dev[m] == math.inf else 0.75 * self.dev[m] + 0.25 * d
                     self.gap[m] = 0.75 * self.gap[m] + 0.25 * g
         self.total[m] += 1
-        self.prev[m] = t
+        self.prev[m] = max(self.prev[m], t)  # a clock read out of order moves nothing back
         if t > self.last_t:
             f = 0.5 ** ((t - self.last_t) / self.half_life_s)
             self.score = [s * f for s in self.score]
@@ -132,14 +132,16 @@ class EvictionExperts:
 
     def _next_key(self, t: float):
         """Predicted wait for the next request times bytes, negated (Belady-Size on a
-        forecast: the next request is due one smoothed gap after the last, or one gap from
-        now if overdue; smaller: given up first)."""
+        forecast: the next request is due one smoothed gap after the last for a model whose
+        gaps are regular; for any other model, one asked for fewer than three times or one
+        overdue, the wait is taken as the time since its last request, i.e. recency;
+        smaller: given up first)."""
         last, gap, dev, sizes = self.rates.last, self.gap, self.dev, self.sizes
 
         def key(r: int) -> float:
             g = gap[r]
             wait = last[r] + g - t
-            if dev[r] > 0.25 * g or wait < 0:
+            if g == math.inf or dev[r] > 0.25 * g or wait < 0:
                 wait = t - last[r]  # not periodic (or overdue): recency
             return -wait * sizes[r]
         return key

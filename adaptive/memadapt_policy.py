@@ -13,7 +13,8 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   ``rate x load_s``), or a resident is evicted (it misses if it comes back within
   ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
   :class:`~adaptive.experts.EvictionExperts` (recency, decayed or long-run frequency per
-  byte, whichever has missed least lately on shadow caches). With ``defer``, a miss may
+  byte, or a forecast of the next request, whichever has missed least lately on shadow
+  caches). With ``defer``, a miss may
   instead wait for a hotter model's make-before-break downgrade (nobody stalls; within the
   SLO when it has one) --
   off by default: room is needed when memory is full, so that downgrade rarely fits, and on

@@ -19,6 +19,7 @@ from profiler.catalog import Catalog
 from profiler.device import DeviceInfo, device_info
 from profiler.errors import ProfilerDataError, ProfilerError
 from profiler.memory import ALLOCATORS, allocator_env, fit_memory
+from variants._locks import DEFAULT_TIMEOUT
 from variants.backends import list_backends, parse_device
 from variants.errors import StoreError
 from variants.families import get_family
@@ -87,7 +88,7 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
             eval: str | None = "auto", variants: str | Sequence[str] = "*",
             threads: int | None = None, force: bool = False, progress: Progress | None = None,
             eval_samples: int = 512, timeout: float = 900.0,
-            allocator: str = "pinned", lock_timeout: float | None = 3600.0
+            allocator: str = "pinned", lock_timeout: float | None = DEFAULT_TIMEOUT
             ) -> list[Measurement]:
     """Profile the store's variants on ``device`` and record the results in its catalog.
 
@@ -109,13 +110,14 @@ def profile(store: Store | str | Path, *, device: str = "cpu", backend: str = "o
     if allocator not in ALLOCATORS:
         raise ProfilerError(f"allocator must be one of {', '.join(ALLOCATORS)}, "
                             f"got {allocator!r}")
-    manifests = _select(store, variants)
+    _select(store, variants)  # bad names fail now, not after waiting for the lock
     info = device_info(device)
     evaluator = Evaluator(store, device=device, backend=backend, threads=threads,
                           samples=eval_samples)
     results: list[Measurement] = []
     with store.profile_lock(f"profile {device}/{backend}", timeout=lock_timeout), \
             Catalog(store.catalog_path) as cat:
+        manifests = _select(store, variants)  # as stored once our turn came
         cat.record_device(info)
         done = set() if force else cat.done_batches(info.fingerprint, backend, allocator)
         done_acc = set() if force else cat.done_accuracy(info.type, backend)

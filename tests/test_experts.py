@@ -27,11 +27,16 @@ def test_a_timer_cycle_makes_the_forecast_win_over_recency():
 
 
 def test_irregular_gaps_fall_back_to_recency_times_bytes():
-    """A model with irregular gaps has no forecast: the forecast order ranks it by the time
-    since its last request times its bytes, so of two such models the idler one goes."""
+    """A model with regular gaps is ranked by its forecast wait; one with irregular gaps has
+    no forecast and is ranked by the time since its last request (times its bytes)."""
     rates = Rates(2, 120.0)
-    e = EvictionExperts([1.0, 1.0], rates)
-    _feed(e, rates, sorted([(0.0, 0), (1.0, 0), (9.0, 0), (10.0, 0), (40.0, 0),
-                            (0.5, 1), (3.0, 1), (20.0, 1), (21.0, 1), (50.0, 1)]), budget=10.0)
-    key = e._next_key(60.0)
-    assert key(0) < key(1)  # 0 idle for 20 s, 1 for 10 s: 0 is given up first
+    e = EvictionExperts([1.0, 2.0], rates)
+    _feed(e, rates, sorted([(0.0, 0), (10.0, 0), (20.0, 0), (30.0, 0),
+                            (0.5, 1), (3.0, 1), (20.0, 1), (21.0, 1), (28.0, 1)]), budget=10.0)
+    key = e._next_key(31.0)
+    assert key(0) == -9.0  # due at 40: 9 s away
+    assert key(1) == -(31.0 - 28.0) * 2.0  # idle 3 s, 2 bytes (its forecast would say 2.4 s)
+    # a model asked for once has no gap yet: recency too, not "given up first"
+    e2 = EvictionExperts([1.0], Rates(1, 120.0))
+    _feed(e2, e2.rates, [(5.0, 0)], budget=10.0)
+    assert e2._next_key(8.0)(0) == -3.0

@@ -1,12 +1,14 @@
 """File locks the store is written under (``fcntl.flock``), below :mod:`variants.store`.
 
-Two kinds:
+Three kinds:
 
 - the store lock (``STORE/.lock``): exclusive, held by one writer at a time
   (a ``generate`` run, a removal). Re-entrant within a thread, so a run that
   holds it can call other writers; other threads and processes wait for it.
   The holder writes its pid and what it does into the file, so a waiter can
   say whom it waits for.
+- the profile lock (``STORE/.profile.lock``), the same kind of lock on its own
+  file: profile runs of one store take turns, without waiting for writers.
 - owner locks on staging folders: the process building a folder holds a lock on
   it until the folder is committed or discarded, so a sweep can tell an
   abandoned folder (no lock: its process died) from one still being written.
