@@ -288,8 +288,16 @@ def test_infeasible_budget_is_503_then_serves_again(client, server):
     with pytest.raises(InferenceServerException) as e:  # nor can the repository load it
         client.load_model("resnet10")
     assert _status(e) == 503 and "resnet10+int8" in e.value.message()
+    client.unload_model("resnet10")  # a load that fails leaves an unloaded model unloaded
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("resnet10")
+    assert _status(e) == 503
     r = httpx.put(f"{server}/v2/memadapt/budget", json={"budget": "1GB"}, timeout=60)
     assert r.status_code == 200
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("resnet10", _inputs({"input": _image(1)}))
+    assert _status(e) == 503 and "unloaded" in e.value.message()
+    client.load_model("resnet10")
     assert client.infer("resnet10", _inputs({"input": _image(1)})).as_numpy("logits").shape == \
         (1, 10)
     m = _metrics(server)

@@ -179,6 +179,7 @@ class Repository:
         (see the module docstring)."""
         info = self.info(model)
         with self._lock:
+            was_unloaded = model in self._unloaded
             self._unloaded.discard(model)
         resident = self.cache.resident().get(model)
         if resident is not None:
@@ -186,9 +187,13 @@ class Repository:
         manifest = self.cache.store.get(info.versions[0])
         try:
             return self.cache.infer(model, _warmup_inputs(manifest)).variant
-        except AdaptiveError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the session's own error, reported as such
+        except Exception as e:
+            if was_unloaded:  # a load that failed leaves an unloaded model unloaded
+                with self._lock:
+                    self._unloaded.add(model)
+            if isinstance(e, AdaptiveError):
+                raise
+            # the session's own error, reported as such
             raise OIPError(500, f"model {model!r} failed to load: {e}") from None
 
     def unload(self, model: str) -> None:
