@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from adaptive.admission import Rates
 from adaptive.driver import PolicyDriver, Target
 from adaptive.errors import AdaptiveError
-from adaptive.select import Candidate, check_feasible
+from adaptive.select import Candidate, check_feasible, is_downgrade
 from adaptive.sessions import Entry, fresh
 
 if TYPE_CHECKING:
@@ -254,8 +254,7 @@ class PolicyRules:
     def _start(self, st: _Model, cand: Candidate, *, mbb: bool, old: Candidate | None,
                requester: _Model | None) -> _Job:
         if old is not None:
-            kind = "downgrades" if (cand.memory_bytes, cand.accuracy) < (
-                old.memory_bytes, old.accuracy) else "upgrades"
+            kind = "downgrades" if is_downgrade(cand, old) else "upgrades"
         else:
             kind = "cold_loads" if st is requester else "prefetches"
         job = st.job = _Job(st, cand, mbb, kind)

@@ -34,7 +34,7 @@ from adaptive.admission import (
     worth_applying,
 )
 from adaptive.errors import AdaptiveError
-from adaptive.select import Candidate, check_feasible
+from adaptive.select import Candidate, check_feasible, is_downgrade
 from adaptive.sessions import Entry, fresh
 
 if TYPE_CHECKING:
@@ -416,8 +416,7 @@ class ReplanRules:
             old = cur[st.name]
             if cd is None:
                 evicts.append(st)
-            elif old is not None and (cd.memory_bytes, cd.accuracy) < (old.memory_bytes,
-                                                                        old.accuracy):
+            elif old is not None and is_downgrade(cd, old):
                 downs.append((st, cd))
             else:
                 ups.append((st, cd))

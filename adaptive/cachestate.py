@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 from adaptive.admission import Ladders
 from adaptive.errors import AdaptiveError
-from adaptive.select import ModelDemand
+from adaptive.select import ModelDemand, is_downgrade
 
 __all__ = ["SWAP_MODES", "CacheInvariantError", "CacheState"]
 
@@ -176,7 +176,8 @@ class CacheState:
             self._start_waiting(m, at, on_time=True)
 
     def _down(self, m: int, old: int, new: int) -> bool:
-        return (self.mem[m][new], self.acc[m][new]) < (self.mem[m][old], self.acc[m][old])
+        cands = self.demands[m].candidates
+        return is_downgrade(cands[new], cands[old])
 
     def _switched(self, m: int, old: int, new: int) -> None:
         self._swapped[0 if self._down(m, old, new) else 1] += 1

@@ -41,7 +41,7 @@ from adaptive.errors import InfeasibleBudget
 
 __all__ = [
     "AUTO_EXACT_MAX_OPTIONS", "DEFAULT_NODE_LIMIT", "OBJECTIVES", "Candidate", "ModelDemand",
-    "Plan", "check_feasible", "select", "smallest_eligible",
+    "Plan", "check_feasible", "is_downgrade", "select", "smallest_eligible",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,12 @@ class Plan:
         """Models this plan keeps resident and their variants: the ``resident=`` argument
         for the next :func:`select` call, so a re-plan prefers not to swap."""
         return {m: v for m, v in self.choice.items() if v is not None}
+
+
+def is_downgrade(new: Candidate, old: Candidate) -> bool:
+    """Whether a swap from ``old`` to ``new`` is a downgrade (smaller, or as large and less
+    accurate) rather than an upgrade: the one order the simulator and the cache count swaps in."""
+    return (new.memory_bytes, new.accuracy) < (old.memory_bytes, old.accuracy)
 
 
 def smallest_eligible(demand: ModelDemand) -> Candidate | None:
