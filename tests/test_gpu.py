@@ -153,10 +153,12 @@ def test_gpu_check_cpu_smoke_runs_the_library(tmp_path):
     roomy = {x["model"]: x["variant"] for x in phases["roomy"]["served"]}
     tight = {x["model"]: x["variant"] for x in phases["tight"]["served"]}
     # which variant is "best" comes from measured memory and fidelity on random inputs, so
-    # the tight budget may find the cache already at its smallest variants; when it moved
-    # someone, it stepped down (or evicted) to do so
+    # the tight budget may find the cache already at its smallest variants; a model first
+    # served at its fastest variant may also finish an upgrade that still fits the tight
+    # budget: when a model's variant changed, the cache counted the swap or eviction
     if roomy != tight:
-        assert phases["tight"]["downgrades"] + phases["tight"]["evictions"] > 0
+        t = phases["tight"]
+        assert t["downgrades"] + t["upgrades"] + t["evictions"] > 0
     targets = report["targets"]
     assert targets["fp16_half_weights"]["met"] is True
     assert targets["swaps_reproduce_outputs"]["met"] is True
