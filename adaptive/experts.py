@@ -26,6 +26,9 @@ __all__ = ["ORDERS", "EvictionExperts"]
 
 #: the eviction orders the experts compare, in tie-break order
 ORDERS = ("gdsf", "lru", "lfu", "next")
+_LRU = ORDERS.index("lru")
+#: the orders whose ghost gives up the resident with the lowest key (LRU pops its oldest)
+_KEYED = tuple(k for k in range(len(ORDERS)) if k != _LRU)
 
 
 class EvictionExperts:
@@ -34,9 +37,8 @@ class EvictionExperts:
     caller counts each request there first); ``half_life_s`` is how fast a ghost's misses are
     forgotten."""
 
-    __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_lru_used",
-                 "_gd", "_gd_used", "_lf", "_lf_used", "_nx", "_nx_used", "_logsize", "wins",
-                 "total", "first", "gap", "dev", "prev")
+    __slots__ = ("sizes", "rates", "half_life_s", "score", "last_t", "_lru", "_keyed", "_used",
+                 "_logsize", "wins", "total", "first", "gap", "dev", "prev")
 
     def __init__(self, sizes: Sequence[float], rates: Rates, half_life_s: float = 600.0):
         self.sizes = [float(s) for s in sizes]
@@ -45,13 +47,9 @@ class EvictionExperts:
         self.score = [0.0] * len(ORDERS)  # decayed ghost misses
         self.last_t = 0.0
         self._lru: OrderedDict[int, None] = OrderedDict()
-        self._lru_used = 0.0
-        self._gd: dict[int, None] = {}
-        self._gd_used = 0.0
-        self._lf: dict[int, None] = {}
-        self._lf_used = 0.0
-        self._nx: dict[int, None] = {}
-        self._nx_used = 0.0
+        # the other ghosts give up the resident their order's key ranks lowest (_KEYED)
+        self._keyed: dict[int, dict[int, None]] = {k: {} for k in _KEYED}
+        self._used = [0.0] * len(ORDERS)  # bytes each ghost holds
         self.total = [0] * len(self.sizes)  # requests since first seen
         self.gap = [math.inf] * len(self.sizes)  # smoothed time between requests
         self.dev = [math.inf] * len(self.sizes)  # smoothed |gap - mean gap|
@@ -83,47 +81,46 @@ class EvictionExperts:
             self.last_t = t
         if size > budget:
             return
-        lru = self._lru
+        lru, used = self._lru, self._used
         if m in lru:
             lru.move_to_end(m)
         else:
-            self.score[1] += 1.0
+            self.score[_LRU] += 1.0
             lru[m] = None
-            self._lru_used += size
-            while self._lru_used > budget:
+            used[_LRU] += size
+            while used[_LRU] > budget:
                 v, _ = lru.popitem(last=False)
-                self._lru_used -= self.sizes[v]
-        gd = self._gd
-        if m not in gd:
-            self.score[0] += 1.0
-            key = self.rates.key
-            ls = self._logsize
-            while self._gd_used + size > budget and gd:
-                v = min(gd, key=lambda r: key[r] - ls[r])
-                del gd[v]
-                self._gd_used -= self.sizes[v]
-            gd[m] = None
-            self._gd_used += size
-        lf = self._lf
-        if m not in lf:
-            self.score[2] += 1.0
-            lkey = self._long_key(t)
-            while self._lf_used + size > budget and lf:
-                v = min(lf, key=lkey)
-                del lf[v]
-                self._lf_used -= self.sizes[v]
-            lf[m] = None
-            self._lf_used += size
-        nx = self._nx
-        if m not in nx:
-            self.score[3] += 1.0
-            nkey = self._next_key(t)
-            while self._nx_used + size > budget and nx:
-                v = min(nx, key=nkey)
-                del nx[v]
-                self._nx_used -= self.sizes[v]
-            nx[m] = None
-            self._nx_used += size
+                used[_LRU] -= self.sizes[v]
+        for k in _KEYED:
+            ghost = self._keyed[k]
+            if m not in ghost:
+                self.score[k] += 1.0
+                self._give_up(k, budget - size, t)
+                ghost[m] = None
+                used[k] += size
+
+    def _key(self, k: int, t: float):
+        """Order ``k``'s key at time ``t`` (smaller: given up first)."""
+        order = ORDERS[k]
+        if order == "lru":
+            return self.rates.last.__getitem__
+        if order == "lfu":
+            return self._long_key(t)
+        if order == "next":
+            return self._next_key(t)
+        key, ls = self.rates.key, self._logsize  # gdsf: decayed rate per byte
+        return lambda r: key[r] - ls[r]
+
+    def _give_up(self, k: int, budget: float, t: float) -> None:
+        """Keyed ghost ``k`` gives up residents, lowest key first, until it holds <= budget."""
+        ghost, used, sizes = self._keyed[k], self._used, self.sizes
+        if used[k] <= budget or not ghost:
+            return
+        key = self._key(k, t)
+        while used[k] > budget and ghost:
+            v = min(ghost, key=key)
+            del ghost[v]
+            used[k] -= sizes[v]
 
     def _long_key(self, t: float):
         """Long-run requests per second and byte (smaller: given up first)."""
@@ -148,24 +145,12 @@ class EvictionExperts:
 
     def shrink(self, budget: float) -> None:
         """The budget dropped: the ghosts give up what no longer fits, each in its order."""
-        while self._lru_used > budget and self._lru:
+        used = self._used
+        while used[_LRU] > budget and self._lru:
             v, _ = self._lru.popitem(last=False)
-            self._lru_used -= self.sizes[v]
-        key, ls = self.rates.key, self._logsize
-        while self._gd_used > budget and self._gd:
-            v = min(self._gd, key=lambda r: key[r] - ls[r])
-            del self._gd[v]
-            self._gd_used -= self.sizes[v]
-        lkey = self._long_key(self.last_t)
-        while self._lf_used > budget and self._lf:
-            v = min(self._lf, key=lkey)
-            del self._lf[v]
-            self._lf_used -= self.sizes[v]
-        nkey = self._next_key(self.last_t)
-        while self._nx_used > budget and self._nx:
-            v = min(self._nx, key=nkey)
-            del self._nx[v]
-            self._nx_used -= self.sizes[v]
+            used[_LRU] -= self.sizes[v]
+        for k in _KEYED:
+            self._give_up(k, budget, self.last_t)
 
     def order(self) -> int:
         """Index into :data:`ORDERS` of the order whose ghost missed least lately."""
@@ -178,13 +163,4 @@ class EvictionExperts:
 
     def peek(self, candidates: Sequence[int] | dict[int, None]) -> int:
         """:meth:`victim` without counting it as an eviction."""
-        k = self.order()
-        if ORDERS[k] == "lru":
-            last = self.rates.last
-            return min(candidates, key=last.__getitem__)
-        if ORDERS[k] == "lfu":
-            return min(candidates, key=self._long_key(self.last_t))
-        if ORDERS[k] == "next":
-            return min(candidates, key=self._next_key(self.last_t))
-        key, ls = self.rates.key, self._logsize
-        return min(candidates, key=lambda r: key[r] - ls[r])
+        return min(candidates, key=self._key(self.order(), self.last_t))
