@@ -101,18 +101,7 @@ def headline(results: Path) -> str:
                   f"models in {tm} (same file, `timing`).", ""]
     if s["short"]:
         lines += [f"It falls short in {len(s['short'])} cells:", ""]
-        n = meta["requests"]
-        for x in s["short"]:
-            cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
-                    and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
-            late = {p: round((r["miss_rate"] + r["stall_rate"]) * n) for p, r in cell.items()
-                    if p != "bound"}
-            top = max(comp, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
-            also = f", {top} {late[top]}" if top != "infaas" else ""
-            lines.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
-                         f"{'; '.join(x['shortfalls'])} (late requests of {n:,}: memadapt "
-                         f"{late['memadapt']}, infaas {late['infaas']}{also})")
-        lines.append("")
+        lines += _shortfalls(rep, top_of=comp) + [""]
     lines += heldout(results)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -123,8 +112,7 @@ def heldout(results: Path) -> list[str]:
     if not path.is_file():
         return []
     rep = json.loads(path.read_text())
-    meta, s, rows = rep["meta"], rep["summary"], rep["results"]
-    n = meta["requests"]
+    meta, s = rep["meta"], rep["summary"]
     lines = [f"Held out (`python benchmarks/policies.py --seed {meta['seed']} --models "
              f"{meta['models']} --out benchmarks/results/heldout`: other clones, jitter and "
              f"traces than the run above, defaults untouched): all checks hold in "
@@ -132,16 +120,30 @@ def heldout(results: Path) -> list[str]:
              f"normalized {s['normalized']}, effective accuracy {s['effective']}); bound ratio "
              f"{s['bound_ratio_median']:.2f}x at the median, {s['bound_ratio_max']:.2f}x at "
              f"worst. Where it falls short:", ""]
-    for x in s["short"]:
+    return lines + _shortfalls(rep, most=3) + [""]
+
+
+def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
+                most: int | None = None) -> list[str]:
+    """One line per cell where memadapt falls short: what failed (the first ``most``
+    shortfalls) and the late requests of memadapt, infaas and, with ``top_of``, of the policy
+    among those with the highest effective accuracy."""
+    n, rows, out = rep["meta"]["requests"], rep["results"], []
+    for x in rep["summary"]["short"]:
         cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
                 and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
         late = {p: round((r["miss_rate"] + r["stall_rate"]) * n) for p, r in cell.items()
                 if p != "bound"}
-        lines.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
-                     f"{'; '.join(x['shortfalls'][:3])}"
-                     f"{' ...' if len(x['shortfalls']) > 3 else ''} (late requests of {n:,}: "
-                     f"memadapt {late['memadapt']}, infaas {late['infaas']})")
-    return lines + [""]
+        also = ""
+        if top_of:
+            top = max(top_of, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
+            also = f", {top} {late[top]}" if top != "infaas" else ""
+        what = x["shortfalls"] if most is None else x["shortfalls"][:most]
+        more = " ..." if most is not None and len(x["shortfalls"]) > most else ""
+        out.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
+                   f"{'; '.join(what)}{more} (late requests of {n:,}: memadapt "
+                   f"{late['memadapt']}, infaas {late['infaas']}{also})")
+    return out
 
 
 def _mib(b: float) -> str:
