@@ -29,9 +29,11 @@ def quality(profile: Any) -> float | None:
 
 def candidates_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
                             batch: int = 8) -> dict[str, list[Candidate]]:
-    """Each model's (``manifest.base``) candidates: memory at ``batch``, latency p50 at batch 1
-    (or the smallest profiled), cold load time (until it can run: the profiler's, less the
-    first run it includes) and quality, for one device and backend.
+    """Each model's (``manifest.base``) candidates: memory at ``batch``, mean latency at batch
+    1 (or the smallest profiled; the expected run time, so that a simulated mean latency
+    predicts a real one: run times skew right, so the p50 sits below), cold load time (until it can
+    run: the profiler's, less the first run it includes) and quality, for one device and
+    backend.
 
     A group (:mod:`variants.groups`) is one model whose candidates are its members, with
     quality their accuracy (else their fidelity to the group's most accurate member); a
@@ -89,7 +91,7 @@ def _candidate(p: Any, q: float | None, batch: int) -> Candidate | None:
     if q is None or mem is None or not ok:
         return None
     lat = min(ok, key=lambda b: b.batch)
-    per_request = lat.latency_p50_s / lat.batch if lat.batch > 1 else lat.latency_p50_s
+    per_request = _run_s(lat) / lat.batch if lat.batch > 1 else _run_s(lat)
     peaks = [b.load_peak_bytes for b in ok if b.load_peak_bytes is not None]
     return Candidate(p.name, int(mem), min(1.0, max(0.0, q)), float(per_request),
                      _load_s(ok), load_peak_bytes=int(max(peaks, default=0)))
@@ -104,7 +106,13 @@ def _load_s(ok: Sequence[Any]) -> float:
     if not rows:
         return 0.0
     b = min(rows, key=lambda b: b.batch)
-    return max(0.0, float(b.load_cold_s) - float(b.latency_p50_s or 0.0))
+    return max(0.0, float(b.load_cold_s) - _run_s(b))
+
+
+def _run_s(b: Any) -> float:
+    """A batch profile's expected run time: its mean, else (older catalogs) its p50."""
+    mean = getattr(b, "latency_mean_s", None)
+    return float(mean if mean is not None else (b.latency_p50_s or 0.0))
 
 
 def demands_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",

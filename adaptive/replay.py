@@ -33,7 +33,7 @@ from adaptive.select import Candidate, ModelDemand
 from adaptive.simulate import SimResult, simulate
 from adaptive.traces import RequestTrace, read_requests
 
-__all__ = ["ReplayMetric", "ReplayReport", "replay"]
+__all__ = ["ReplayMetric", "ReplayReport", "VariantRuns", "replay"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,22 @@ class ReplayMetric:
         if self.simulated == 0:
             return 0.0 if self.real == 0 else math.inf
         return (self.real - self.simulated) / abs(self.simulated)
+
+
+@dataclass(frozen=True)
+class VariantRuns:
+    """One variant's runs in the real replay beside its profile: where a latency gap between
+    the sides comes from (a profile taken at another moment of a shared machine, or what
+    the cache adds to a run). Only hits count: their latency is the run alone."""
+
+    variant: str
+    hits: int
+    profiled_s: float
+    real_mean_s: float
+
+    @property
+    def difference(self) -> float:
+        return (self.real_mean_s - self.profiled_s) / self.profiled_s if self.profiled_s else 0.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,8 @@ class ReplayReport:
     policy: str = "memadapt"
     #: what both sides planned with: the budget less the cache's headroom for a load's peak
     plan_budget_bytes: int = 0
+    #: per served variant, its hits' real run time beside the profiled one
+    runs: tuple[VariantRuns, ...] = ()
 
     def metric(self, name: str) -> ReplayMetric:
         for m in self.metrics:
@@ -100,6 +118,7 @@ class ReplayReport:
                          "difference": m.difference if math.isfinite(m.difference) else None}
                         for m in self.metrics]
         d["simulated"] = self.simulated.to_dict() | {"memory_series": None}
+        d["runs"] = [asdict(r) | {"difference": r.difference} for r in self.runs]
         return d
 
 
@@ -186,6 +205,7 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     # a family is a base model or a group (whose candidates have several bases)
     base_of = {d.model: family_of[d.model] for d in demands}
     acc_of = {(d.model, c.variant): c.accuracy for d in demands for c in d.candidates}
+    lat_of = {c.variant: c.latency_s for d in demands for c in d.candidates}
     slo_of = {d.model: d.slo_s for d in demands}
 
     now = [0.0]
@@ -215,6 +235,7 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
     kind = np.zeros(n, dtype=np.int8)  # 0 hit, 1 miss, 2 stall
     acc = np.full(n, np.nan)
     slo = np.full(n, np.nan)
+    hit_s: dict[str, list[float]] = {}
     errors: list[str] = []
     failures = 0
     every = max(1, n // 100)
@@ -235,6 +256,8 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
                 continue
             lat[i] = r.latency_s + r.queued_s
             kind[i] = 2 if r.stalled else 1 if r.cold else 0
+            if kind[i] == 0 and bs[i] == 1:
+                hit_s.setdefault(r.variant, []).append(lat[i])
             acc[i] = acc_of[name, r.variant]
             if slo_of[name] is not None:
                 slo[i] = slo_of[name]
@@ -274,7 +297,9 @@ def replay(store: Any, trace: RequestTrace | str | os.PathLike[str], *, budget: 
         budget_bytes=budget_bytes, batch=batch, device=device, backend=backend,
         models=dict(sorted(base_of.items())), metrics=metrics, simulated=sim,
         real_counts=counts, wall_s=wall, errors=tuple(errors), policy=policy,
-        plan_budget_bytes=plan_budget)
+        plan_budget_bytes=plan_budget,
+        runs=tuple(VariantRuns(v, len(t), lat_of[v], float(np.mean(t)))
+                   for v, t in sorted(hit_s.items())))
 
 
 def _head(trace: RequestTrace, n: int | None) -> RequestTrace:

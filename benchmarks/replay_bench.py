@@ -5,8 +5,12 @@ the real :class:`~adaptive.cache.VariantCache` (real onnxruntime sessions, the t
 :func:`adaptive.replay.replay`) and through :func:`adaptive.simulate` with the same policy,
 candidates and planning budget. The store is the soak's (resnet18 and minilm with int8 and
 exit variants, profiled at batch 1 on one thread; ``benchmarks/soak.py`` builds it, or
-``--store``, whose latencies and load times are measured again first unless
-``--no-reprofile``, so the profile and the replay see the same machine). Each trace model is
+``--store``). Before each policy's replay its latencies and load times are measured
+again, ``--profile-repeats`` times (the profiler's own path, one fresh process per variant
+each time), and both sides run on the median of those profiles: on a shared machine the mean
+of one profile's runs moves by up to 20% from one ten-second window to the next, so a
+profile taken once, minutes before, predicts no better than that (``--no-reprofile`` replays
+with the store's profile as it is). Each trace model is
 its own cache model backed by one of the two stored models. The real cache runs with glibc's
 mmap threshold pinned, as the profiler measured and ``memadapt serve`` runs.
 
@@ -37,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", default="600MiB")
     ap.add_argument("--policy", action="append", default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--profile-repeats", type=int, default=5,
+                    help="profiles taken before each policy's replay; both sides use their "
+                         "median")
     ap.add_argument("--no-reprofile", dest="reprofile", action="store_false",
                     help="replay with the --store's profile as it is")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -49,30 +56,35 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.soak import ensure_store
 
     tmp = tempfile.TemporaryDirectory(prefix="memadapt-replay-") if args.store is None else None
-    meter = _Background()
-    args.store = ensure_store(args.store or Path(tmp.name) / "store", reprofile=args.reprofile)
-    profile_background = meter.share()
-    profile = {c.variant: {"latency_ms": 1e3 * c.latency_s, "load_ms": 1e3 * c.load_s}
-               for cs in candidates_from_catalog(args.store, batch=1).values() for c in cs}
+    args.store = ensure_store(args.store or Path(tmp.name) / "store")
     names = [f"svc{i:02d}" for i in range(args.models)]
     trace = synth("azure", names, args.requests, seed=args.seed, duration_s=3600)
     rows = []
     for p in policies:
+        meter = _Background()
+        cands = (median_profile(args.store, args.profile_repeats) if args.reprofile
+                 else candidates_from_catalog(args.store, batch=1))
+        profile_background = meter.share()
         print(f"replaying {len(trace)} requests with {p} ...", flush=True)
         meter = _Background()
-        rep = replay(args.store, trace, budget=args.budget, policy=p, threads=1)
+        rep = replay(args.store, trace, budget=args.budget, policy=p, threads=1,
+                     candidates=cands)
         background = meter.share()
         d = rep.to_dict()
         rows.append({"policy": p, "requests": rep.requests, "served": rep.served,
+                     "profile": {c.variant: {"latency_ms": 1e3 * c.latency_s,
+                                             "load_ms": 1e3 * c.load_s}
+                                 for cs in cands.values() for c in cs},
+                     "profile_background_cpu": profile_background,
                      "failures": rep.failures, "budget_bytes": rep.budget_bytes,
                      "plan_budget_bytes": rep.plan_budget_bytes, "wall_s": rep.wall_s,
                      "metrics": d["metrics"], "real_counts": d["real_counts"],
+                     "runs": d["runs"],
                      "errors": list(rep.errors), "background_cpu": background})
     out = {"trace": {"kind": "azure", "models": args.models, "requests": args.requests,
                      "seed": args.seed, "duration_s": 3600},
            "budget": args.budget, "store": "resnet18 + minilm (int8, exit), batch 1, 1 thread",
-           "profile": dict(sorted(profile.items())),
-           "profile_background_cpu": profile_background,
+           "profile_repeats": args.profile_repeats if args.reprofile else 0,
            "command": f"python benchmarks/replay_bench.py --requests {args.requests} "
                       f"--budget {args.budget}",
            "policies": rows}
@@ -84,6 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_path, args.out / name)
     print(_markdown(out))
     return 0
+
+
+def median_profile(store: Path, repeats: int) -> dict:
+    """The store's candidates at batch 1 with each variant's latency and load time the median
+    of ``repeats`` fresh profiles (:func:`profiler.profile`, as :func:`ensure_store` takes
+    them; memory and accuracy as the last one measured)."""
+    from dataclasses import replace
+    from statistics import median
+
+    import profiler
+    from adaptive.catalog import candidates_from_catalog
+    from benchmarks.soak import PROFILE
+
+    if repeats < 1:
+        raise SystemExit(f"--profile-repeats must be >= 1, got {repeats}")
+    seen: list[dict] = []
+    for k in range(repeats):
+        print(f"profiling the store ({k + 1}/{repeats}) ...", flush=True)
+        profiler.profile(store, **PROFILE, eval=None, force=True)
+        seen.append({c.variant: c for cs in candidates_from_catalog(store, batch=1).values()
+                     for c in cs})
+    last = candidates_from_catalog(store, batch=1)
+    return {m: [replace(c, latency_s=median(s[c.variant].latency_s for s in seen),
+                        load_s=median(s[c.variant].load_s for s in seen)) for c in cs]
+            for m, cs in last.items()}
 
 
 class _Background:
@@ -124,17 +161,32 @@ def _markdown(out: dict) -> str:
                 lines.append(f"| {row['policy']} | {name} | {m['simulated'] * scale:{fmt}} | "
                              f"{m['real'] * scale:{fmt}} | "
                              f"{'' if diff is None else format(diff, '+.1%')} |")
-    lines += ["", "The simulator runs each request in its variant's profiled p50 time and has no "
+    lines += ["", "The simulator runs each request in its variant's profiled mean time and has no "
               "run-time variance, so its p99 is a profiled run or a load; the real p99 is the "
               "slowest 1% of real runs and loads.", "",
-              "CPU time others used on the machine meanwhile (of all its cores): profile "
-              f"{out['profile_background_cpu']:.0%}, "
-              + ", ".join(f"{r['policy']} {r['background_cpu']:.0%}" for r in out["policies"])
-              + ".", "",
-              "The profile both sides used (p50 run at batch 1; load: until it can run):", "",
-              "| variant | latency ms | load ms |", "|---|---:|---:|"]
-    for v, p in out["profile"].items():
-        lines.append(f"| {v} | {p['latency_ms']:.2f} | {p['load_ms']:.1f} |")
+              "CPU time others used on the machine meanwhile (of all its cores), while "
+              "profiling / replaying: "
+              + ", ".join(f"{r['policy']} {r['profile_background_cpu']:.0%} / "
+                          f"{r['background_cpu']:.0%}" for r in out["policies"]) + ".", "",
+              f"The profile both sides used, taken before each policy's replay (median of "
+              f"{out['profile_repeats']} profiles; mean run at batch 1; load: until it can "
+              f"run):", "",
+              "| variant | " + " | ".join(f"{r['policy']} latency ms | load ms"
+                                          for r in out["policies"]) + " |",
+              "|---|" + "---:|---:|" * len(out["policies"])]
+    for v in sorted(out["policies"][0]["profile"]):
+        lines.append(f"| {v} | " + " | ".join(
+            f"{r['profile'][v]['latency_ms']:.2f} | {r['profile'][v]['load_ms']:.1f}"
+            for r in out["policies"]) + " |")
+    lines += ["", "Where a latency gap comes from: each served variant's hits (a run and what the "
+              "cache adds to it, no wait) in the real replay beside its profiled run:", "",
+              "| policy | variant | hits | profiled ms | real ms | difference |",
+              "|---|---|---:|---:|---:|---:|"]
+    for row in out["policies"]:
+        for r in row.get("runs", ()):
+            lines.append(f"| {row['policy']} | {r['variant']} | {r['hits']} | "
+                         f"{r['profiled_s'] * 1e3:.2f} | {r['real_mean_s'] * 1e3:.2f} | "
+                         f"{r['difference']:+.1%} |")
     return "\n".join(lines) + "\n"
 
 
