@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, check=True,
                               capture_output=True, text=True).stdout.strip()
         t0 = time.perf_counter()
-        proc = subprocess.run(["make", "demo"], cwd=clone, capture_output=True, text=True)
+        # one stream, in the order it was written: the tail is the demo's last lines
+        proc = subprocess.run(["make", "demo"], cwd=clone, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
         wall = time.perf_counter() - t0
-    out = (proc.stdout + proc.stderr).splitlines()
+    out = proc.stdout.splitlines()
     report = {"command": "make demo (fresh clone, new venv)", "commit": head,
               "returncode": proc.returncode, "wall_s": round(wall, 1),
               "cpus": os.cpu_count(), "python": platform.python_version(),
-              "tail": out[-8:]}
+              "tail": out[-24:]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"make demo: {wall:.0f} s, exit {proc.returncode}")
