@@ -209,9 +209,11 @@ def measured(results: Path) -> str:
     if (results / "demo.json").exists():
         dm = _load(results, "demo.json")
         mins, secs = divmod(round(dm["wall_s"]), 60)
+        verdict = [ln.strip() for ln in dm["tail"] if ln.startswith("memadapt ")]
         rows.append(("`make demo` on a fresh clone, nothing installed (venv, train, 16 variants "
                      "with shortened recovery, profile, show, select, simulate)",
-                     f"{mins} min {secs} s (exit {dm['returncode']}, {dm['cpus']} cores)",
+                     f"{mins} min {secs} s (exit {dm['returncode']}, {dm['cpus']} cores)"
+                     + (f"; its last line: \"{verdict[-1]}\"" if verdict else ""),
                      "`benchmarks/demo_time.py` -> `demo.json`"))
     rec = _load(results, "recovery.json")
     d = rec["digits_resnet18"]
