@@ -273,10 +273,15 @@ class PolicyRules:
         if job.parked is not None:  # loaded beside, never installed: its bytes come back
             session, hold, _ = job.parked
             job.parked = None
-            release = Entry(job.st.name, job.cand, session, hold)
-            self.c._ledger.retire(hold)
-            release.retired = release.releasing = True
-            self.releases.append(release)
+            self.releases.append(self._unused(job.st, job.cand, session, hold))
+
+    def _unused(self, st: _Model, cand: Candidate, session: Any, hold: Any) -> Entry:
+        """Lock held: a loaded session that will not be installed, retired from the ledger,
+        as an entry for the caller to release outside the lock."""
+        entry = Entry(st.name, cand, session, hold)
+        self.c._ledger.retire(hold)
+        entry.retired = entry.releasing = True
+        return entry
 
     def _parks(self, job: _Job) -> bool:
         """Lock held: whether ``job``, just loaded, waits for the mirror before it installs: a
@@ -442,9 +447,7 @@ class PolicyRules:
             if session is None:  # dropped while it waited for memory
                 c._unreserve(hold, loading=False)
             elif job.discard or st.job is not job or c._closed:
-                release = Entry(st.name, cand, session, hold)
-                c._ledger.retire(hold)
-                release.retired = release.releasing = True
+                release = self._unused(st, cand, session, hold)
             elif self._parks(job):
                 job.parked = (session, hold, time.perf_counter())
             else:
