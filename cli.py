@@ -1012,6 +1012,17 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
                       f"{diff:+.1%}" if diff != float("inf") else "inf",
                       end_section=k == len(report.metrics) - 1)
     _console().print(t)
+    runs = Table(title="where latency differs: each served variant's hits (its run and the "
+                       "cache's work, no wait), real beside profiled")
+    for col in ("policy", "variant", "hits", "profiled", "real", "difference"):
+        runs.add_column(col, justify="left" if col in ("policy", "variant") else "right")
+    for report in reports:
+        for k, r in enumerate(report.runs):
+            runs.add_row(report.policy if k == 0 else "", r.variant, f"{r.hits:,}",
+                         f"{r.profiled_s * 1e3:.2f} ms", f"{r.real_mean_s * 1e3:.2f} ms",
+                         f"{r.difference:+.1%}", end_section=k == len(report.runs) - 1)
+    if runs.row_count:
+        _console().print(runs)
     for report in reports:
         click.echo(f"{report.policy}: {report.served:,} served, {report.failures} failed, "
                    f"{report.rejected} rejected by the simulator; real replay took "

@@ -212,7 +212,8 @@ def test_cli_prints_the_side_by_side_table(store, trace, budget, tmp_path):
                       catch_exceptions=False)
     assert r.exit_code == 0, r.output
     for word in ("metric", "simulated", "real", "difference", "miss rate", "mean latency",
-                 "p99 latency", "120 served, 0 failed"):
+                 "p99 latency", "120 served, 0 failed", "each served variant's hits",
+                 "profiled"):
         assert word in r.output, word
     r = runner.invoke(main, ["replay", "--store", str(store.root), "--trace", str(path),
                              "--budget", f"{budget}B", "--max-requests", "60", "--floor",
