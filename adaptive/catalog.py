@@ -165,7 +165,9 @@ def demands_to_json(demands: Sequence[ModelDemand]) -> dict[str, Any]:
         {"model": d.model, "floor": d.floor, "rate": d.rate,
          **({"slo_s": d.slo_s} if d.slo_s is not None else {}),
          "candidates": [{"variant": c.variant, "memory_bytes": c.memory_bytes,
-                         "accuracy": c.accuracy, "latency_s": c.latency_s, "load_s": c.load_s}
+                         "accuracy": c.accuracy, "latency_s": c.latency_s, "load_s": c.load_s,
+                         **({"load_peak_bytes": c.load_peak_bytes} if c.load_peak_bytes
+                            else {})}
                         for c in d.candidates]} for d in demands]}
 
 
@@ -187,7 +189,8 @@ def demands_from_json(path) -> list[ModelDemand]:
                 if isinstance(c, dict):
                     cands.append(Candidate(c["variant"], int(c["memory_bytes"]),
                                            float(c["accuracy"]), float(c.get("latency_s", 0.0)),
-                                           float(c.get("load_s", 0.0))))
+                                           float(c.get("load_s", 0.0)),
+                                           load_peak_bytes=int(c.get("load_peak_bytes", 0))))
                 else:
                     cands.append(Candidate(c[0], int(c[1]), float(c[2]), float(c[3]),
                                            float(c[4])))

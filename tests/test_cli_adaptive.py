@@ -15,7 +15,8 @@ MB = 1_000_000
 @pytest.fixture()
 def profiles(tmp_path):
     ds = [
-        ModelDemand("resnet18", [Candidate("resnet18", 200 * MB, 0.95, 0.02, 0.07),
+        ModelDemand("resnet18", [Candidate("resnet18", 200 * MB, 0.95, 0.02, 0.07,
+                                           load_peak_bytes=260 * MB),
                                  Candidate("resnet18+int8", 60 * MB, 0.94, 0.01, 0.04),
                                  Candidate("resnet18+exit2", 30 * MB, 0.70, 0.005, 0.02)],
                     floor=0.9),
