@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from adaptive.serve.scaleout import Router, serve_ray
     from adaptive.serve.server import ServeConfig
     from adaptive.traces import synth
+    from variants.backends import CPU_MEM_REUSE
     from variants.store import Store
 
     tmp = None
@@ -450,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                  "client": "tritonclient.http, binary tensors, POST /v2/models/M/infer through "
                            "the same Ray Serve ingress (scaleout.Router) for both systems",
                  "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU",
-                 "command": "flock /tmp/memadapt-heavy.lock python benchmarks/serve_ray.py"
+                 "command": "flock /tmp/memadapt-heavy.lock "
+                            + ("MEMADAPT_ORT_MEM_REUSE=1 " if CPU_MEM_REUSE else "")
+                            + "python benchmarks/serve_ray.py"
                             + (" --quick" if args.quick else ""),
+                 "ort_mem_reuse": CPU_MEM_REUSE,
                  "notes": ["clients send the trace's requests in its order, closed loop (the "
                            "trace's timestamps are not replayed)",
                            "peak RSS is the whole replica process (Python, Ray, onnxruntime "

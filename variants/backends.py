@@ -36,7 +36,10 @@ CPU_MEM_ARENA = False
 #: with the memory pattern on (the default) the run's buffers are laid out by their
 #: lifetimes anyway. Measured in fresh processes (glibc's mmap threshold pinned): the peak of
 #: a batch-1 and a batch-8 run and the steady run's time are the same with and without it.
-CPU_MEM_REUSE = False
+#: A long-running multi-threaded server is another matter (``benchmarks/serve_ray.py``: its
+#: replicas' resident memory grows further without the pass), so ``MEMADAPT_ORT_MEM_REUSE=1``
+#: in the environment turns it back on, for every process that inherits it.
+CPU_MEM_REUSE = os.environ.get("MEMADAPT_ORT_MEM_REUSE", "0") == "1"
 
 
 def register_backend(name: str, *, replace: bool = False):
