@@ -1020,7 +1020,8 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
         for k, r in enumerate(report.runs):
             runs.add_row(report.policy if k == 0 else "", r.variant, f"{r.hits:,}",
                          f"{r.profiled_s * 1e3:.2f} ms", f"{r.real_mean_s * 1e3:.2f} ms",
-                         f"{r.difference:+.1%}", end_section=k == len(report.runs) - 1)
+                         f"{r.difference:+.1%}" if r.difference != float("inf") else "inf",
+                         end_section=k == len(report.runs) - 1)
     if runs.row_count:
         _console().print(runs)
     for report in reports:

@@ -29,11 +29,10 @@ def quality(profile: Any) -> float | None:
 
 def candidates_from_catalog(store, *, device: str = "cpu", backend: str = "onnxruntime",
                             batch: int = 8) -> dict[str, list[Candidate]]:
-    """Each model's (``manifest.base``) candidates: memory at ``batch``, mean latency at batch
-    1 (or the smallest profiled; the expected run time, so that a simulated mean latency
-    predicts a real one: run times skew right, so the p50 sits below), cold load time (until it can
-    run: the profiler's, less the first run it includes) and quality, for one device and
-    backend.
+    """Each model's (``manifest.base``) candidates: memory at ``batch``, mean run time at
+    batch 1 (or the smallest profiled), cold load time (until it can run: the profiler's, less
+    the first run it includes) and quality, for one device and backend. The mean, not the
+    p50: run times skew right, and a simulated mean latency is to predict the real one.
 
     A group (:mod:`variants.groups`) is one model whose candidates are its members, with
     quality their accuracy (else their fidelity to the group's most accurate member); a

@@ -70,7 +70,8 @@ class VariantRuns:
 
     @property
     def difference(self) -> float:
-        return (self.real_mean_s - self.profiled_s) / self.profiled_s if self.profiled_s else 0.0
+        """``(real - profiled) / profiled``, as :attr:`ReplayMetric.difference`."""
+        return ReplayMetric("run_s", self.profiled_s, self.real_mean_s).difference
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class ReplayReport:
                          "difference": m.difference if math.isfinite(m.difference) else None}
                         for m in self.metrics]
         d["simulated"] = self.simulated.to_dict() | {"memory_series": None}
-        d["runs"] = [asdict(r) | {"difference": r.difference} for r in self.runs]
+        d["runs"] = [asdict(r) | {"difference": r.difference if math.isfinite(r.difference)
+                                  else None} for r in self.runs]
         return d
 
 

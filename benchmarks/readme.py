@@ -315,7 +315,7 @@ def measured(results: Path) -> str:
                      f"baseline {sk['max_rss_overshoot_fraction']:+.1%} of that sum "
                      f"({sk['max_rss_over_budget_fraction']:+.1%} of the budget alone) at "
                      f"{sk['max_rss_overshoot_at_s']:.0f} s",
-                     "`benchmarks/soak.py` -> `soak.json`"))
+                     "`benchmarks/soak.py` -> `soak.json`, `soak.md`"))
     if (results / "replay.json").exists():
         rp = _load(results, "replay.json")
 

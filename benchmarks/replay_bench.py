@@ -10,9 +10,9 @@ again, ``--profile-repeats`` times (the profiler's own path, one fresh process p
 each time), and both sides run on the median of those profiles: on a shared machine the mean
 of one profile's runs moves by up to 20% from one ten-second window to the next, so a
 profile taken once, minutes before, predicts no better than that (``--no-reprofile`` replays
-with the store's profile as it is). Each trace model is
-its own cache model backed by one of the two stored models. The real cache runs with glibc's
-mmap threshold pinned, as the profiler measured and ``memadapt serve`` runs.
+with the store's profile as it is). Each trace model is its own cache model backed by one of
+the two stored models. The real cache runs with glibc's mmap threshold pinned, as the
+profiler measured and ``memadapt serve`` runs.
 
 ``python benchmarks/replay_bench.py [--requests 3000] [--budget 600MiB] [--out DIR]`` writes
 ``replay.json`` and ``replay.md`` to ``benchmarks/results/``.
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay with the --store's profile as it is")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if args.profile_repeats < 1:
+        ap.error(f"--profile-repeats must be >= 1, got {args.profile_repeats}")
     policies = args.policy or ["memadapt", "infaas", "lru"]
 
     from adaptive.catalog import candidates_from_catalog
@@ -100,24 +102,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def median_profile(store: Path, repeats: int) -> dict:
     """The store's candidates at batch 1 with each variant's latency and load time the median
-    of ``repeats`` fresh profiles (:func:`profiler.profile`, as :func:`ensure_store` takes
-    them; memory and accuracy as the last one measured)."""
+    of ``repeats`` fresh profiles (:func:`benchmarks.soak.reprofile`; memory and accuracy as
+    the last one measured)."""
     from dataclasses import replace
     from statistics import median
 
-    import profiler
     from adaptive.catalog import candidates_from_catalog
-    from benchmarks.soak import PROFILE
+    from benchmarks.soak import reprofile
 
-    if repeats < 1:
-        raise SystemExit(f"--profile-repeats must be >= 1, got {repeats}")
     seen: list[dict] = []
     for k in range(repeats):
         print(f"profiling the store ({k + 1}/{repeats}) ...", flush=True)
-        profiler.profile(store, **PROFILE, eval=None, force=True)
-        seen.append({c.variant: c for cs in candidates_from_catalog(store, batch=1).values()
-                     for c in cs})
-    last = candidates_from_catalog(store, batch=1)
+        reprofile(store)
+        last = candidates_from_catalog(store, batch=1)
+        seen.append({c.variant: c for cs in last.values() for c in cs})
     return {m: [replace(c, latency_s=median(s[c.variant].latency_s for s in seen),
                         load_s=median(s[c.variant].load_s for s in seen)) for c in cs]
             for m, cs in last.items()}
@@ -186,7 +184,7 @@ def _markdown(out: dict) -> str:
         for r in row.get("runs", ()):
             lines.append(f"| {row['policy']} | {r['variant']} | {r['hits']} | "
                          f"{r['profiled_s'] * 1e3:.2f} | {r['real_mean_s'] * 1e3:.2f} | "
-                         f"{r['difference']:+.1%} |")
+                         f"{'' if r['difference'] is None else format(r['difference'], '+.1%')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,20 +56,21 @@ def build_store(root: Path) -> None:
     profiler.profile(root, **PROFILE)
 
 
-def ensure_store(root: Path, *, reprofile: bool = False) -> Path:
-    """``root``, generated and profiled with :func:`build_store` unless it is a store; with
-    ``reprofile``, an existing store's latencies and load times are measured again (the
-    profiler's own path, accuracy kept): on a shared machine a profile taken hours before
-    is off by as much as the background load has changed since."""
+def ensure_store(root: Path) -> Path:
+    """``root``, generated and profiled with :func:`build_store` unless it is a store."""
     if not (root / "variants").is_dir():
         print(f"generating and profiling the store in {root} ...", flush=True)
         build_store(root)
-    elif reprofile:
-        import profiler
-
-        print(f"profiling the store in {root} again ...", flush=True)
-        profiler.profile(root, **PROFILE, eval=None, force=True)
     return root
+
+
+def reprofile(root: Path) -> None:
+    """Measure the store's latencies and load times again, as :func:`build_store` did (the
+    profiler's own path, accuracy kept): on a shared machine a profile taken minutes before
+    is off by as much as the background load has changed since."""
+    import profiler
+
+    profiler.profile(root, **PROFILE, eval=None, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,13 +200,38 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "soak.json"
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_path, path)
+    for name, text in (("soak.json", json.dumps(result, indent=2) + "\n"),
+                       ("soak.md", markdown(result))):
+        tmp_path = args.out / (name + ".tmp")
+        tmp_path.write_text(text)
+        os.replace(tmp_path, args.out / name)
     print(json.dumps({k: v for k, v in result.items() if k != "errors"}, indent=2))
     ok = result["failed_requests"] == 0 and result["max_rss_overshoot_fraction"] <= 0.10
     print("soak:", "PASS" if ok else "FAIL", f"-> {path}")
     return 0 if ok else 1
+
+
+def markdown(result: dict) -> str:
+    """``soak.json``'s figures, as the README reads them."""
+    mib = 2 ** 20
+    return "\n".join([
+        f"# Soak: {result['clients']} clients for {result['minutes']:g} min ({result['policy']})",
+        "", f"`{result['command']}`", "",
+        "| figure | value |", "|---|---:|",
+        f"| requests | {result['requests']:,} |",
+        f"| failed requests | {result['failed_requests']} |",
+        f"| InfeasibleBudget | {result['infeasible_requests']} |",
+        f"| budget changes | {result['budget_changes']} |",
+        f"| RSS samples (every 10 ms) | {result['rss_samples']:,} |",
+        f"| post-import baseline RSS | {result['baseline_rss_bytes'] / mib:.0f} MiB |",
+        f"| worst RSS over budget + baseline, of that sum | "
+        f"{result['max_rss_overshoot_fraction']:+.1%} |",
+        f"| ... at | {result['max_rss_overshoot_at_s']:.0f} s (RSS "
+        f"{result['max_rss_overshoot_rss_bytes'] / mib:.0f} MiB, budget "
+        f"{result['max_rss_overshoot_budget_bytes'] / mib:.0f} MiB) |",
+        f"| worst RSS over budget + baseline, of the budget alone | "
+        f"{result['max_rss_over_budget_fraction']:+.1%} |",
+        f"| largest RSS | {result['max_rss_bytes'] / mib:.0f} MiB |", ""])
 
 
 if __name__ == "__main__":

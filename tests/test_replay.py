@@ -23,7 +23,7 @@ from adaptive import Candidate
 from adaptive.cachestate import CacheState
 from adaptive.catalog import candidates_from_catalog, demands_from_catalog
 from adaptive.errors import AdaptiveError
-from adaptive.replay import ReplayMetric, replay
+from adaptive.replay import ReplayMetric, VariantRuns, replay
 from adaptive.select import ModelDemand
 from adaptive.traces import RequestTrace, synth, write_requests
 from cli import main
@@ -201,6 +201,8 @@ def test_relative_difference():
     assert ReplayMetric("x", 2.0, 3.0).difference == pytest.approx(0.5)
     assert ReplayMetric("x", 0.0, 0.0).difference == 0.0
     assert math.isinf(ReplayMetric("x", 0.0, 1.0).difference)
+    assert VariantRuns("v", 3, 0.002, 0.003).difference == pytest.approx(0.5)
+    assert math.isinf(VariantRuns("v", 3, 0.0, 0.003).difference)  # never "no difference"
 
 
 def test_cli_prints_the_side_by_side_table(store, trace, budget, tmp_path):
