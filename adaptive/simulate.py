@@ -27,7 +27,12 @@ share of all requests), ``goodput`` (on-time requests per second of trace),
 else 0), ``normalized_accuracy`` (mean over served requests of accuracy / the model's best
 variant's accuracy, so classifier accuracy and encoder fidelity can be averaged),
 ``mean_accuracy``, ``bytes_loaded`` (every load and swap), ``load_delay_over_exec``
-(CremeBrulee's load/exec: waits over execution time).
+(CremeBrulee's load/exec: waits over execution time). Where effective accuracy goes:
+``accuracy_lost_late`` (per request, the best variant's accuracy of each request that was not on
+time or was rejected) and ``accuracy_lost_rungs`` (per request, the best variant's accuracy less
+the served one's, over on-time requests), so that ``effective_accuracy = best_accuracy -
+accuracy_lost_late - accuracy_lost_rungs`` with ``best_accuracy`` the mean over all requests of
+the model's best variant's accuracy.
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ class SimResult:
     effective_accuracy: float = 0.0
     normalized_accuracy: float = 0.0
     bytes_loaded: int = 0
+    #: where effective accuracy goes (see the module docstring): the best accuracy on every
+    #: request, and what late (or rejected) requests and smaller variants took of it
+    best_accuracy: float = 0.0
+    accuracy_lost_late: float = 0.0
+    accuracy_lost_rungs: float = 0.0
     #: swaps carried out, by direction (:attr:`adaptive.cachestate.CacheState.downgrades`):
     #: a cancelled make-before-break swap is not one
     downgrades: int = 0
@@ -228,6 +238,10 @@ def simulate(trace: RequestTrace, demands: Sequence[ModelDemand], policy: Policy
     on_time = np.where(np.isnan(slo), wait[ok] <= 0.0, latency <= np.nan_to_num(slo) + 1e-12)
     n_served = int(ok.sum())
     duration = trace.duration_s if n else 0.0
+    best_all = best_m[dm] if n else np.zeros(0)
+    best_ok = best_m[mo]
+    lost_rungs = float(((best_ok - acc) * on_time).sum())
+    lost_late = float(best_all.sum() - (best_ok * on_time).sum())
     return SimResult(
         policy=pol.name or type(pol).__name__,
         requests=n,
@@ -253,6 +267,9 @@ def simulate(trace: RequestTrace, demands: Sequence[ModelDemand], policy: Policy
         normalized_accuracy=(float((acc / np.maximum(best_m[mo], 1e-12)).mean()) if n_served
                              else 0.0),
         bytes_loaded=cache.bytes_loaded,
+        best_accuracy=float(best_all.mean()) if n else 0.0,
+        accuracy_lost_late=lost_late / n if n else 0.0,
+        accuracy_lost_rungs=lost_rungs / n if n else 0.0,
         downgrades=cache.downgrades,
         upgrades=cache.upgrades,
         memory_series=tuple(series),
@@ -274,7 +291,9 @@ def bound_result(trace: RequestTrace, demands: Sequence[ModelDemand],
                      mean_accuracy=nan, floor_violations=0, swaps=0, loads=b.misses,
                      evictions=0, peak_bytes=0, stalls=0, stall_rate=0.0, slo_attainment=nan,
                      goodput=nan, effective_accuracy=nan, normalized_accuracy=nan,
-                     bytes_loaded=0, policy_stats={"compulsory_miss_rate": b.compulsory_rate},
+                     bytes_loaded=0, best_accuracy=nan, accuracy_lost_late=nan,
+                     accuracy_lost_rungs=nan,
+                     policy_stats={"compulsory_miss_rate": b.compulsory_rate},
                      wall_s=time.perf_counter() - t0)
 
 

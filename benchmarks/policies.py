@@ -50,7 +50,8 @@ POPULATIONS = {"demo": HERE / "populations" / "demo.json",
 METRICS = ("miss_rate", "stall_rate", "slo_attainment", "goodput", "effective_accuracy",
            "normalized_accuracy", "mean_accuracy", "mean_latency_s", "p99_latency_s",
            "load_delay_over_exec", "bytes_loaded", "floor_violations", "rejected", "swaps",
-           "evictions", "loads", "wall_s")
+           "evictions", "loads", "wall_s", "best_accuracy", "accuracy_lost_late",
+           "accuracy_lost_rungs")
 
 
 def full_bytes(demands: list[ModelDemand] | tuple[ModelDemand, ...]) -> int:
@@ -147,6 +148,14 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _lost(r: dict[str, Any]) -> str:
+    """A row's accuracy lost to late requests / to smaller variants, per request."""
+    late, rungs = r.get("accuracy_lost_late"), r.get("accuracy_lost_rungs")
+    if late is None or rungs is None:
+        return "-"
+    return f"{late:.4f} / {rungs:.4f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta, rows, s = report["meta"], report["results"], report["summary"]
     pols = meta["policies"]
@@ -173,11 +182,20 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{s['bound_ratio_max']:.2f} (offline Belady-Size: median "
                   f"{s['belady_bound_ratio_median']:.2f}).", ""]
     if s["short"]:
-        lines += ["### Where memadapt falls short", "", "| population | trace | budget | "
-                  "shortfalls |", "|---|---|---:|---|"]
+        lines += ["### Where memadapt falls short", "",
+                  "Where effective accuracy goes: the best variant's accuracy on every request, "
+                  "less what late (or rejected) requests lose and what smaller variants lose "
+                  "(`accuracy_lost_late` / `accuracy_lost_rungs`), for memadapt and the online "
+                  "policy with the highest effective accuracy.", "",
+                  "| population | trace | budget | shortfalls | lost late / to rungs: memadapt "
+                  "| best online |", "|---|---|---:|---|---:|---:|"]
         for x in s["short"]:
+            cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
+                    and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
+            top = max(comp, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
             lines.append(f"| {x['population']} | {x['kind']} | {x['budget_fraction']:.0%} | "
-                         f"{'; '.join(x['shortfalls'])} |")
+                         f"{'; '.join(x['shortfalls'])} | {_lost(cell['memadapt'])} | "
+                         f"{top} {_lost(cell[top])} |")
         lines.append("")
     for pm in report["populations"]:
         pop = pm["population"]

@@ -134,16 +134,23 @@ def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
                 and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
         late = {p: round((r["miss_rate"] + r["stall_rate"]) * n) for p, r in cell.items()
                 if p != "bound"}
-        also = ""
+        also = lost = ""
         if top_of:
             top = max(top_of, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
             also = f", {top} {late[top]}" if top != "infaas" else ""
+            if "accuracy_lost_rungs" in cell["memadapt"]:
+                lost = (f"; accuracy lost to late requests / to smaller variants: memadapt "
+                        f"{_lost(cell['memadapt'])}, {top} {_lost(cell[top])}")
         what = x["shortfalls"] if most is None else x["shortfalls"][:most]
         more = " ..." if most is not None and len(x["shortfalls"]) > most else ""
         out.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
                    f"{'; '.join(what)}{more} (late requests of {n:,}: memadapt "
-                   f"{late['memadapt']}, infaas {late['infaas']}{also})")
+                   f"{late['memadapt']}, infaas {late['infaas']}{also}{lost})")
     return out
+
+
+def _lost(r: dict[str, Any]) -> str:
+    return f"{r['accuracy_lost_late']:.4f} / {r['accuracy_lost_rungs']:.4f}"
 
 
 def _mib(b: float) -> str:

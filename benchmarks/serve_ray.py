@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    cmdargs = list(sys.argv[1:] if argv is None else argv)
+    arenas = os.environ.get("MALLOC_ARENA_MAX")
     n = args.requests or (600 if args.quick else 3000)
     ks = [int(k) for k in (args.ks or ("2,4" if args.quick else "2,3,4,8")).split(",")]
 
@@ -451,11 +453,13 @@ def main(argv: list[str] | None = None) -> int:
                  "client": "tritonclient.http, binary tensors, POST /v2/models/M/infer through "
                            "the same Ray Serve ingress (scaleout.Router) for both systems",
                  "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU",
-                 "command": "flock /tmp/memadapt-heavy.lock "
-                            + ("MEMADAPT_ORT_MEM_REUSE=1 " if CPU_MEM_REUSE else "")
-                            + "python benchmarks/serve_ray.py"
-                            + (" --quick" if args.quick else ""),
+                 "command": " ".join(["flock /tmp/memadapt-heavy.lock"]
+                                     + (["MEMADAPT_ORT_MEM_REUSE=1"] if CPU_MEM_REUSE else [])
+                                     + [f"MALLOC_ARENA_MAX={arenas}"] * (arenas is not None)
+                                     + ["python benchmarks/serve_ray.py", *cmdargs]),
                  "ort_mem_reuse": CPU_MEM_REUSE,
+                 # glibc's malloc arenas per replica process (None: its default, 8 per core)
+                 "malloc_arena_max": arenas,
                  "notes": ["clients send the trace's requests in its order, closed loop (the "
                            "trace's timestamps are not replayed)",
                            "peak RSS is the whole replica process (Python, Ray, onnxruntime "

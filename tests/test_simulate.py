@@ -69,6 +69,10 @@ def _check_invariants(r: SimResult, budget: int | BudgetTrace) -> None:
     assert r.hits + r.misses + r.stalls + r.rejected == r.requests
     assert 0 <= r.effective_accuracy <= r.slo_attainment <= 1
     assert 0 <= r.normalized_accuracy <= 1
+    # where effective accuracy goes adds up, and nothing is lost twice
+    assert r.accuracy_lost_late >= 0 and r.accuracy_lost_rungs >= -1e-12
+    assert r.best_accuracy - r.accuracy_lost_late - r.accuracy_lost_rungs == pytest.approx(
+        r.effective_accuracy, abs=1e-9)
     for _t, used, b in r.memory_series:
         assert 0 <= used <= b
     limit = budget if isinstance(budget, int) else int(budget.budget_bytes.max())
@@ -171,6 +175,9 @@ def test_request_during_a_load_waits_for_it_and_is_a_miss():
     # no SLO: only the request that did not wait is on time
     assert r.slo_attainment == pytest.approx(1 / 3)
     assert r.effective_accuracy == pytest.approx(0.9 / 3)
+    # the two late requests lose their accuracy; the one variant is the best, so no rung loss
+    assert (r.best_accuracy, r.accuracy_lost_late, r.accuracy_lost_rungs) == pytest.approx(
+        (0.9, 0.9 * 2 / 3, 0.0))
 
 
 def test_slo_metrics_count_requests_within_their_deadline():
@@ -235,6 +242,9 @@ def test_memadapt_loads_fast_upgrades_without_waits_and_downgrades_on_a_budget_d
     assert (mem.misses, mem.stalls, mem.evictions, mem.swaps) == (2, 0, 0, 4)
     assert mem.policy_stats["upgrades"] == 2 and mem.policy_stats["urgent_downgrades"] == 2
     assert mem.mean_accuracy == pytest.approx((0.88 * 4 + 0.9 * 4) / 8)
+    # the two misses are late; the two requests after the drop are served int8 on time
+    assert (mem.accuracy_lost_late, mem.accuracy_lost_rungs) == pytest.approx(
+        (0.9 * 2 / 8, 0.02 * 2 / 8))
     assert (lru.misses, lru.evictions) == (4, 3)
     assert (100.0, 80, 100) in mem.memory_series
     # both variants are charged while an upgrade loads: A's base + B's int8 and base
