@@ -453,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                  "client": "tritonclient.http, binary tensors, POST /v2/models/M/infer through "
                            "the same Ray Serve ingress (scaleout.Router) for both systems",
                  "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU",
-                 "command": " ".join(["flock /tmp/memadapt-heavy.lock"]
-                                     + (["MEMADAPT_ORT_MEM_REUSE=1"] if CPU_MEM_REUSE else [])
+                 "command": " ".join((["MEMADAPT_ORT_MEM_REUSE=1"] if CPU_MEM_REUSE else [])
                                      + [f"MALLOC_ARENA_MAX={arenas}"] * (arenas is not None)
-                                     + ["python benchmarks/serve_ray.py", *cmdargs]),
+                                     + ["flock /tmp/memadapt-heavy.lock",
+                                        "python benchmarks/serve_ray.py", *cmdargs]),
                  "ort_mem_reuse": CPU_MEM_REUSE,
                  # glibc's malloc arenas per replica process (None: its default, 8 per core)
                  "malloc_arena_max": arenas,
