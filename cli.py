@@ -913,8 +913,25 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
         click.echo("memadapt beats every online policy on misses + stalls, SLO attainment and "
                    "effective accuracy" if v.holds else
                    "memadapt falls short: " + "; ".join(v.shortfalls))
+        click.echo(_accuracy_split(results))
     if plot:
         click.echo(f"plot written to {plot}")
+
+
+def _accuracy_split(results: dict[str, Any]) -> str:
+    """One line: what late requests and smaller variants took of memadapt's effective
+    accuracy, beside infaas's and the most accurate other online policy's."""
+    from adaptive.policies import competitors
+
+    online = competitors([p for p in results if p != "bound"])
+    shown = ["memadapt"] + [p for p in ("infaas",) if p in results]
+    rest = [p for p in online if p not in shown]
+    if rest:
+        shown.append(max(rest, key=lambda p: results[p].effective_accuracy))
+    parts = [f"{p} {results[p].accuracy_lost_late:.4f} / {results[p].accuracy_lost_rungs:.4f}"
+             for p in shown]
+    return (f"effective accuracy lost to late requests / to smaller variants, of "
+            f"{results['memadapt'].best_accuracy:.4f} at best: " + ", ".join(parts))
 
 
 @main.command("replay")

@@ -108,10 +108,15 @@ def test_simulate_with_slos_reports_the_field_metrics_and_a_verdict(profiles, tm
     for col in ("stall", "SLO att.", "eff. acc.", "norm. acc.", "bound", "belady", "infaas"):
         assert col in r.output
     assert "memadapt beats" in r.output or "memadapt falls short" in r.output
+    assert "lost to late requests / to smaller variants" in r.output and "infaas 0." in r.output
     r = invoke("simulate", "--profiles", profiles, "--trace", trace, "--budget", "300MB",
                "--slo", "minilm=0.15", "--json")
     rows = {x["policy"]: x for x in json.loads(r.output)}
     assert 0 < rows["memadapt"]["slo_attainment"] <= 1
+    for x in rows.values():  # where effective accuracy goes adds up (bound: null)
+        if x["policy"] != "bound":
+            assert x["best_accuracy"] - x["accuracy_lost_late"] - x["accuracy_lost_rungs"] \
+                == pytest.approx(x["effective_accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize("args,needle", [
