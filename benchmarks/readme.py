@@ -220,7 +220,7 @@ def measured(results: Path) -> str:
         rows.append(("`make demo` on a fresh clone, nothing installed (venv, train, 16 variants "
                      "with shortened recovery, profile, show, select, simulate)",
                      f"{mins} min {secs} s (exit {dm['returncode']}, {dm['cpus']} cores)"
-                     + (f"; its last line: \"{verdict[-1]}\"" if verdict else ""),
+                     + (f"; its verdict: \"{verdict[-1]}\"" if verdict else ""),
                      "`benchmarks/demo_time.py` -> `demo.json`"))
     rec = _load(results, "recovery.json")
     d = rec["digits_resnet18"]
