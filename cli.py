@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -922,14 +923,14 @@ def _accuracy_split(results: dict[str, Any]) -> str:
     """One line: what late requests and smaller variants took of memadapt's effective
     accuracy, beside infaas's and the most accurate other online policy's."""
     from adaptive.policies import competitors
+    from adaptive.report import accuracy_lost
 
     online = competitors([p for p in results if p != "bound"])
     shown = ["memadapt"] + [p for p in ("infaas",) if p in results]
     rest = [p for p in online if p not in shown]
     if rest:
         shown.append(max(rest, key=lambda p: results[p].effective_accuracy))
-    parts = [f"{p} {results[p].accuracy_lost_late:.4f} / {results[p].accuracy_lost_rungs:.4f}"
-             for p in shown]
+    parts = [f"{p} {accuracy_lost(results[p])}" for p in shown]
     return (f"effective accuracy lost to late requests / to smaller variants, of "
             f"{results['memadapt'].best_accuracy:.4f} at best: " + ", ".join(parts))
 
@@ -1037,7 +1038,7 @@ def replay_cmd(store, trace_path, budget, floors, max_requests, batch, device, b
         for k, r in enumerate(report.runs):
             runs.add_row(report.policy if k == 0 else "", r.variant, f"{r.hits:,}",
                          f"{r.profiled_s * 1e3:.2f} ms", f"{r.real_mean_s * 1e3:.2f} ms",
-                         f"{r.difference:+.1%}" if r.difference != float("inf") else "inf",
+                         f"{r.difference:+.1%}" if math.isfinite(r.difference) else "inf",
                          end_section=k == len(report.runs) - 1)
     if runs.row_count:
         _console().print(runs)

@@ -22,6 +22,17 @@ TABLE_COLUMNS = (
 )
 
 
+def accuracy_lost(row: Mapping[str, Any] | Any) -> str:
+    """``"late / rungs"``: what late requests and smaller variants took of a result's
+    effective accuracy (a :class:`~adaptive.simulate.SimResult` or its ``to_dict()``; "-"
+    where the row has no split, as results written before it)."""
+    get = row.get if isinstance(row, Mapping) else lambda k: getattr(row, k, None)
+    late, rungs = get("accuracy_lost_late"), get("accuracy_lost_rungs")
+    if late is None or rungs is None:
+        return "-"
+    return f"{late:.4f} / {rungs:.4f}"
+
+
 def simulation_table(results: Mapping[str, Any], *, title: str = "") -> Any:
     """A rich Table of :func:`adaptive.simulate.compare`'s results, one row per policy (the
     ``bound`` row shows its miss rate only)."""

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adaptive.catalog import demands_from_json  # noqa: E402
 from adaptive.policies import competitors, list_policies, policy_class  # noqa: E402
+from adaptive.report import accuracy_lost  # noqa: E402
 from adaptive.select import ModelDemand  # noqa: E402
 from adaptive.simulate import clone_population, compare  # noqa: E402
 from adaptive.traces import synth  # noqa: E402
@@ -148,14 +149,6 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _lost(r: dict[str, Any]) -> str:
-    """A row's accuracy lost to late requests / to smaller variants, per request."""
-    late, rungs = r.get("accuracy_lost_late"), r.get("accuracy_lost_rungs")
-    if late is None or rungs is None:
-        return "-"
-    return f"{late:.4f} / {rungs:.4f}"
-
-
 def markdown(report: dict[str, Any]) -> str:
     meta, rows, s = report["meta"], report["results"], report["summary"]
     pols = meta["policies"]
@@ -194,8 +187,8 @@ def markdown(report: dict[str, Any]) -> str:
                     and r["kind"] == x["kind"] and r["budget_fraction"] == x["budget_fraction"]}
             top = max(comp, key=lambda p, cell=cell: cell[p]["effective_accuracy"])
             lines.append(f"| {x['population']} | {x['kind']} | {x['budget_fraction']:.0%} | "
-                         f"{'; '.join(x['shortfalls'])} | {_lost(cell['memadapt'])} | "
-                         f"{top} {_lost(cell[top])} |")
+                         f"{'; '.join(x['shortfalls'])} | {accuracy_lost(cell['memadapt'])} | "
+                         f"{top} {accuracy_lost(cell[top])} |")
         lines.append("")
     for pm in report["populations"]:
         pop = pm["population"]

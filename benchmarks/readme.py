@@ -128,6 +128,8 @@ def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
     """One line per cell where memadapt falls short: what failed (the first ``most``
     shortfalls) and the late requests of memadapt, infaas and, with ``top_of``, of the policy
     among those with the highest effective accuracy."""
+    from adaptive.report import accuracy_lost
+
     n, rows, out = rep["meta"]["requests"], rep["results"], []
     for x in rep["summary"]["short"]:
         cell = {r["policy"]: r for r in rows if r["population"] == x["population"]
@@ -140,7 +142,7 @@ def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
             also = f", {top} {late[top]}" if top != "infaas" else ""
             if "accuracy_lost_rungs" in cell["memadapt"]:
                 lost = (f"; accuracy lost to late requests / to smaller variants: memadapt "
-                        f"{_lost(cell['memadapt'])}, {top} {_lost(cell[top])}")
+                        f"{accuracy_lost(cell['memadapt'])}, {top} {accuracy_lost(cell[top])}")
         what = x["shortfalls"] if most is None else x["shortfalls"][:most]
         more = " ..." if most is not None and len(x["shortfalls"]) > most else ""
         out.append(f"- {x['population']} / {x['kind']} / {x['budget_fraction']:.0%}: "
@@ -148,9 +150,6 @@ def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
                    f"{late['memadapt']}, infaas {late['infaas']}{also}{lost})")
     return out
 
-
-def _lost(r: dict[str, Any]) -> str:
-    return f"{r['accuracy_lost_late']:.4f} / {r['accuracy_lost_rungs']:.4f}"
 
 
 def _mib(b: float) -> str:
