@@ -125,3 +125,25 @@ def test_no_hand_rolled_registry():
     found = [f for m, p in project_modules().items() if m not in NOT_YET
              for f in _hand_rolled(m, p)]
     assert not found, f"use variants.registry.Registry instead: {found}"
+
+
+@pytest.mark.parametrize("raw,default,want", [
+    ("1", False, True), ("On", False, True), (" yes ", False, True), ("TRUE", False, True),
+    ("0", True, False), ("off", True, False), ("", True, True), (None, False, False),
+])
+def test_env_flag_reads_on_off_values(monkeypatch, raw, default, want):
+    from variants.backends import env_flag
+
+    if raw is None:
+        monkeypatch.delenv("MEMADAPT_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("MEMADAPT_TEST_FLAG", raw)
+    assert env_flag("MEMADAPT_TEST_FLAG", default) is want
+
+
+def test_env_flag_warns_on_a_typo_and_keeps_the_default(monkeypatch):
+    from variants.backends import env_flag
+
+    monkeypatch.setenv("MEMADAPT_TEST_FLAG", "ture")
+    with pytest.warns(RuntimeWarning, match=r"MEMADAPT_TEST_FLAG='ture' is not an on/off"):
+        assert env_flag("MEMADAPT_TEST_FLAG", False) is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,24 @@ CPU_MEM_ARENA = False
 #: A long-running multi-threaded server is another matter (``benchmarks/serve_ray.py``: its
 #: replicas' resident memory grows further without the pass), so ``MEMADAPT_ORT_MEM_REUSE=1``
 #: in the environment turns it back on, for every process that inherits it.
-CPU_MEM_REUSE = os.environ.get("MEMADAPT_ORT_MEM_REUSE", "0") == "1"
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off setting from the environment: 1/0, true/false, yes/no, on/off (any case);
+    unset or empty keeps ``default``; anything else warns, saying what it accepts, and keeps
+    ``default`` (a typo must not silently flip a setting)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    warnings.warn(f"{name}={os.environ[name]!r} is not an on/off value (1/0, true/false, "
+                  f"yes/no, on/off); keeping the default ({'on' if default else 'off'})",
+                  RuntimeWarning, stacklevel=2)
+    return default
+
+
+CPU_MEM_REUSE = env_flag("MEMADAPT_ORT_MEM_REUSE")
 
 
 def register_backend(name: str, *, replace: bool = False):
