@@ -23,6 +23,18 @@ few seconds for 100,000 requests (scipy's HiGHS); without scipy the PFOO-L bound
 
 Requests the simulator rejects (no eligible variant fits the budget at that time) are not
 served by anyone and are left out, as the simulator's ``miss_rate`` leaves them out.
+
+Compulsory misses are the first served request of each model *and every request for it that
+arrives before that first load can have finished*: nothing is resident before a model's first
+request, so its load starts then (or later) and takes at least the shortest ``load_s`` of its
+eligible variants, and a request that waits for a load is a miss (:mod:`adaptive.simulate`).
+Those requests are taken out of the hits any policy could have. (The same holds after every
+later miss, but which requests miss depends on the policy, so only the first load is used.)
+
+:func:`best_static_misses` is not a bound: it is what the best *fixed* residency misses when
+it is chosen knowing every model's request count. On a trace of independent requests (the
+``zipf`` generator) that is about the best an online policy can expect, so its distance from
+the bound is the part of a policy's ratio to the bound that no online policy can close.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from adaptive.errors import AdaptiveError
 from adaptive.select import ModelDemand
 from adaptive.traces import BudgetTrace, RequestTrace
 
-__all__ = ["MissBound", "miss_lower_bound"]
+__all__ = ["MissBound", "best_static_misses", "miss_lower_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,8 @@ SEGMENTS = 20_000
 @dataclass(frozen=True)
 class MissBound:
     """``misses`` is at most what any policy misses on the trace; ``compulsory`` counts the
-    first served request of each model (misses for everyone)."""
+    misses of everyone: each model's first served request and the requests that arrive while
+    that first load must still be under way."""
 
     misses: int
     served: int
@@ -153,7 +166,18 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     order = np.lexsort((idx, ms))  # by model, then time
     same = ms[order][1:] == ms[order][:-1]
     a, b = order[:-1][same], order[1:][same]  # consecutive served requests of one model
-    compulsory = int(len(idx) - same.sum())
+    # requests that arrive before the model's first load can be done: misses for everyone
+    # (the simulator's ready time is t0 + load_s, in the same float arithmetic)
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = ~same
+    first = order[starts]
+    t_first = np.full(lad.n, np.inf)
+    t_first[ms[first]] = tt[first]
+    shortest = np.array([min((float(lad.demands[k].candidates[c].load_s)
+                              for c in lad.eligible[k]), default=0.0) for k in range(lad.n)])
+    loading = tt[b] < t_first[ms[b]] + shortest[ms[b]]
+    a, b = a[~loading], b[~loading]
+    compulsory = int(len(idx) - len(b))
     # requests: the residency after each request fits the budget in force then, and holds
     # the model just served (an execution cache has no bypass): every served request costs
     # its model's bytes at its own instant, a hit's interval the instants strictly between
@@ -169,3 +193,36 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
         if lp is not None:
             hits = min(hits, lp)
     return MissBound(misses=int(len(idx) - hits), served=int(len(idx)), compulsory=compulsory)
+
+
+def best_static_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
+                       budget: int) -> int | None:
+    """Misses of the best fixed set of resident models for ``trace`` under a fixed ``budget``,
+    chosen knowing every model's request count: each chosen model (at its smallest eligible
+    variant) misses its first request, every other model all of its requests. A knapsack in
+    units of 1/65536 of the budget, sizes rounded down, so the set it finds is at least as good
+    as the best that fits (and overfills the budget by at most one unit per model). Not a
+    bound (a policy that adapts may do better on a trace whose popularity moves; see the
+    module docstring); None for a budget that changes or a model without profiles."""
+    if isinstance(budget, BudgetTrace):
+        return None
+    lad = Ladders(demands)
+    index = {d.model: k for k, d in enumerate(lad.demands)}
+    if any(trace.models[k] not in index for k in np.unique(trace.model)):
+        return None
+    counts = trace.counts()
+    unit = max(1, int(budget) >> 16)
+    cap = int(budget) // unit
+    best = np.zeros(cap + 1)
+    served = 0
+    for name, c in zip(trace.models, counts.tolist()):
+        size = lad.min_mem[index[name]]
+        if c == 0 or size > budget:
+            continue  # rejected by everyone (or never asked for)
+        served += c
+        w = int(size) // unit
+        if w == 0:
+            best += c - 1
+        elif w <= cap:
+            best[w:] = np.maximum(best[w:], best[:cap + 1 - w] + (c - 1))
+    return int(served - best[cap])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive.bounds import miss_lower_bound
+from adaptive.bounds import best_static_misses, miss_lower_bound
 from adaptive.policies import list_policies
 from adaptive.select import Candidate, ModelDemand
 from adaptive.simulate import compare, simulate
@@ -18,22 +18,31 @@ from adaptive.traces import BudgetTrace, RequestTrace
 
 
 def optimal_misses(seq: list[int], sizes: list[int], budget: int,
-                   bypass: bool = False) -> int:
+                   bypass: bool = False, times: list[float] | None = None,
+                   load_s: float = 0.0) -> int:
     """Exact optimum of demand-fetch caching with variable sizes: after each request the cache
     keeps any subset of what it held plus the requested model that fits -- which must include
-    the requested model unless ``bypass`` (an execution cache serves from memory)."""
-    best = {frozenset(): 0}
-    for m in seq:
+    the requested model unless ``bypass`` (an execution cache serves from memory). With
+    ``times``, a model loaded on a miss at ``t`` is ready at ``t + load_s``, and a request for
+    it before then is a miss too (it waits for the load)."""
+    times = list(times) if times is not None else [0.0] * len(seq)
+    best: dict[frozenset, int] = {frozenset(): 0}  # {(model, ready time)}: fewest misses
+    for m, t in zip(seq, times):
         nxt: dict[frozenset, int] = {}
         for held, cost in best.items():
-            cost += m not in held
-            pool = sorted(held | {m})
+            ready = dict(held)
+            if m not in ready:
+                ready[m] = t + load_s
+                cost += 1
+            elif ready[m] > t:
+                cost += 1
+            pool = sorted(ready)
             for r in range(len(pool) + 1):
                 for keep in itertools.combinations(pool, r):
                     if not bypass and m not in keep:
                         continue
                     if sum(sizes[k] for k in keep) <= budget:
-                        s = frozenset(keep)
+                        s = frozenset((k, ready[k]) for k in keep)
                         if cost < nxt.get(s, 1 << 30):
                             nxt[s] = cost
         best = nxt
@@ -55,7 +64,9 @@ def _demands(sizes: list[int], small: bool) -> list[ModelDemand]:
 def test_bound_never_exceeds_the_optimum_nor_any_policy(n, data):
     sizes = data.draw(st.lists(st.integers(1, 6), min_size=n, max_size=n))
     seq = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=12))
-    gaps = data.draw(st.lists(st.floats(0.0, 5.0), min_size=len(seq), max_size=len(seq)))
+    # gaps shorter than the small variant's 0.005 s load put requests inside a first load
+    gaps = data.draw(st.lists(st.sampled_from([0.0, 0.001, 0.004, 0.006, 0.5, 2.0, 5.0]),
+                              min_size=len(seq), max_size=len(seq)))
     budget = data.draw(st.integers(max(sizes), sum(sizes) + 1))
     ts = np.cumsum(gaps)
     tr = RequestTrace(ts, np.array(seq), np.ones(len(seq), np.int32),
@@ -63,13 +74,17 @@ def test_bound_never_exceeds_the_optimum_nor_any_policy(n, data):
     demands = _demands(sizes, small=True)
     b = miss_lower_bound(tr, demands, budget)
     assert b.served == len(seq)
-    assert b.compulsory == len(set(seq)) <= b.misses
-    opt = optimal_misses(seq, sizes, budget)
-    assert b.misses <= opt
+    assert len(set(seq)) <= b.compulsory <= b.misses
+    # every variant loading as fast as the fastest and as small as the smallest: a relaxation
+    # of what the policies face, so its optimum is at most theirs
+    opt = optimal_misses(seq, sizes, budget, times=ts.tolist(), load_s=0.005)
+    assert b.misses <= opt <= optimal_misses(seq, sizes, budget, times=ts.tolist(),
+                                             load_s=0.01)
+    assert optimal_misses(seq, sizes, budget) <= opt
     # pooling instants relaxes FOO-L further; PFOO-L alone is looser still
     pooled = miss_lower_bound(tr, demands, budget, segments=3).misses
     assert miss_lower_bound(tr, demands, budget, segments=0).misses <= pooled <= b.misses
-    assert optimal_misses(seq, sizes, budget, bypass=True) <= opt
+    assert optimal_misses(seq, sizes, budget, bypass=True) <= optimal_misses(seq, sizes, budget)
     for policy in list_policies():
         r = simulate(tr, demands, policy, budget)
         assert b.misses <= r.misses, policy
@@ -128,3 +143,32 @@ def test_bound_row_in_compare_is_json_ready():
     # no bypass: B's request evicts A, so no policy hits
     assert d["policy"] == "bound" and d["miss_rate"] == pytest.approx(1.0)
     assert d["slo_attainment"] is None and d["effective_accuracy"] is None
+
+
+def test_requests_during_a_first_load_are_compulsory():
+    # A's load takes 0.5 s from its first request at 0: the requests at 0.1 and 0.4 wait for
+    # it; the one at 0.5 finds it ready. Everything fits, so only those misses remain.
+    tr = RequestTrace.from_names([0.0, 0.1, 0.4, 0.5, 1.0], list("AAAAB"))
+    demands = [ModelDemand("A", [Candidate("base", 10, 0.9, 0.01, 0.8),
+                                 Candidate("small", 5, 0.85, 0.01, 0.5)], floor=0.8),
+               ModelDemand("B", [Candidate("base", 10, 0.9, 0.01, 0.1)])]
+    b = miss_lower_bound(tr, demands, 100)
+    assert (b.compulsory, b.misses) == (4, 4)
+    for policy in list_policies():
+        assert simulate(tr, demands, policy, 100).misses >= 4, policy
+    # below A's floor the fast variant does not count: A's shortest eligible load is 0.8 s
+    strict = [ModelDemand("A", demands[0].candidates, floor=0.88), demands[1]]
+    assert miss_lower_bound(tr, strict, 100).compulsory == 5
+
+
+def test_best_static_misses_is_the_knapsack_of_request_counts():
+    # A: 3 requests, 6 bytes; B: 2 requests, 4 bytes; C: 2 requests, 4 bytes; budget 8.
+    # Keeping B and C (each misses once) beats keeping A (misses once, B and C all 4).
+    mib = 1 << 20
+    tr = RequestTrace.from_names([0, 1, 2, 3, 4, 5, 6], list("AABBCCA"))
+    demands = [ModelDemand(x, [Candidate("base", s * mib, 0.9)]) for x, s in zip("ABC", (6, 4, 4))]
+    assert best_static_misses(tr, demands, 8 * mib) == 3 + 1 + 1
+    assert best_static_misses(tr, demands, 14 * mib) == 3
+    assert best_static_misses(tr, demands, 5 * mib) == 1 + 2  # A (6) is rejected
+    budget = BudgetTrace(np.array([0.0]), np.array([8 * mib]))
+    assert best_static_misses(tr, demands, budget) is None
