@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from adaptive.bounds import best_static_misses  # noqa: E402
 from adaptive.catalog import demands_from_json  # noqa: E402
 from adaptive.policies import competitors, list_policies, policy_class  # noqa: E402
 from adaptive.report import accuracy_lost  # noqa: E402
@@ -87,11 +88,16 @@ def run_population(name: str, families: list[ModelDemand], args: argparse.Namesp
             budget = int(frac * total)
             res = compare(trace, population, policies, budget, seed=args.seed, bound=True)
             v = verdict(res)
+            b = res["bound"]
+            static = best_static_misses(trace, population, budget)
+            served = b.hits + b.misses
+            static_rate = static / served if static is not None and served else None
             for p, r in res.items():
                 rows.append({"population": name, "kind": kind, "budget_fraction": frac,
                              "budget_bytes": budget, "policy": p,
                              **{k: _num(getattr(r, k)) for k in METRICS},
                              **{f"stat_{k}": val for k, val in r.policy_stats.items()},
+                             **({"best_static_miss_rate": static_rate} if p == "bound" else {}),
                              **({"verdict": v.to_dict()} if p == "memadapt" else {})})
             log.info("%s %s %3.0f%%: %s%s", name, kind, 100 * frac,
                      "holds" if v.holds else "SHORT: ",
@@ -146,6 +152,25 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                   for x in ratios if x["above_compulsory"] and x["bound"] > 0
                   and (x["population"], x["kind"], x["budget_fraction"]) in bel]
     out["belady_bound_ratio_median"] = float(np.median(bel_ratios)) if bel_ratios else None
+    # on independent requests (zipf), the best fixed set chosen knowing the request counts is
+    # about the best an online policy can expect: how far that is from the bound, and
+    # memadapt from it
+    irm = [(x, by[(x["population"], x["kind"], x["budget_fraction"])].get("best_static_miss_rate"))
+           for x in ratios if x["kind"] == "zipf" and x["above_compulsory"]]
+    irm = [(x, st) for x, st in irm if st is not None]
+    out["static_zipf"] = [{"population": x["population"], "budget_fraction": x["budget_fraction"],
+                           "bound": x["bound"], "best_static": st, "memadapt": x["memadapt"],
+                           "static_over_bound": st / x["bound"], "memadapt_over_static":
+                           x["memadapt"] / st} for x, st in irm]
+    if irm:
+        sb = [y["static_over_bound"] for y in out["static_zipf"]]
+        ms = [y["memadapt_over_static"] for y in out["static_zipf"]]
+        out["static_zipf_summary"] = {
+            "cells": len(sb), "static_over_bound_median": float(np.median(sb)),
+            "static_over_bound_min": min(sb), "static_over_bound_max": max(sb),
+            "memadapt_over_static_median": float(np.median(ms)),
+            "memadapt_over_static_max": max(ms),
+            "static_over_1_3": sum(1 for x in sb if x > 1.3)}
     return out
 
 
@@ -174,6 +199,17 @@ def markdown(report: dict[str, Any]) -> str:
                   f"misses: median {s['bound_ratio_median']:.2f}, worst "
                   f"{s['bound_ratio_max']:.2f} (offline Belady-Size: median "
                   f"{s['belady_bound_ratio_median']:.2f}).", ""]
+    z = s.get("static_zipf_summary")
+    if z:
+        lines += [f"Part of that ratio no online policy can close: on the zipf trace "
+                  f"(independent requests) the best *fixed* set of resident models, chosen "
+                  f"knowing every model's request count, misses {z['static_over_bound_min']:.2f}"
+                  f"-{z['static_over_bound_max']:.2f}x the bound (median "
+                  f"{z['static_over_bound_median']:.2f}) in the {z['cells']} cells above the "
+                  f"compulsory misses; memadapt misses median "
+                  f"{z['memadapt_over_static_median']:.2f}x, at most "
+                  f"{z['memadapt_over_static_max']:.2f}x, what that set misses "
+                  f"(`adaptive.bounds.best_static_misses`; an estimate, not a bound).", ""]
     if s["short"]:
         lines += ["### Where memadapt falls short", "",
                   "Where effective accuracy goes: the best variant's accuracy on every request, "
@@ -339,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("1M timing %s: %.2fs", name, timing[-1]["simulate_s"])
 
     report = {
-        "meta": {"benchmark": "policies", "requests": args.requests,
+        "meta": {"benchmark": "policies",
+                 "command": " ".join(["python", "benchmarks/policies.py", *sys.argv[1:]]),
+                 "requests": args.requests,
                  "duration_s": args.duration, "models": args.models, "seed": args.seed,
                  "kinds": args.kinds, "fractions": args.fractions, "policies": policies,
                  "sources": {k: v[1] for k, v in pops.items()}, "sweep_s": sweep_s,
