@@ -33,6 +33,23 @@ def accuracy_lost(row: Mapping[str, Any] | Any) -> str:
     return f"{late:.4f} / {rungs:.4f}"
 
 
+def best_static_summary(z: Mapping[str, Any]) -> str:
+    """One sentence on how far the best fixed set of resident models is from the bound on the
+    zipf cells above the compulsory misses, and memadapt from that set (``benchmarks/
+    policies.py``'s ``summary.static_zipf_summary``; :func:`adaptive.bounds.best_static_misses`)."""
+    return (f"On the zipf trace, whose requests are independent, part of the ratio to the bound "
+            f"can be measured: the best *fixed* set of resident models, chosen knowing every "
+            f"model's request count (about the best an online policy can expect there), misses "
+            f"{z['static_over_bound_min']:.2f}-{z['static_over_bound_max']:.2f}x the bound "
+            f"(median {z['static_over_bound_median']:.2f}) in its {z['cells']} cells above the "
+            f"compulsory misses, and memadapt misses median "
+            f"{z['memadapt_over_static_median']:.2f}x, at most "
+            f"{z['memadapt_over_static_max']:.2f}x, what that set misses "
+            f"(`adaptive.bounds.best_static_misses`, an estimate, not a bound). In "
+            f"{z['static_over_1_3']} of those {z['cells']} cells even that set misses more than "
+            f"1.3x the bound.")
+
+
 def simulation_table(results: Mapping[str, Any], *, title: str = "") -> Any:
     """A rich Table of :func:`adaptive.simulate.compare`'s results, one row per policy (the
     ``bound`` row shows its miss rate only)."""

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adaptive.bounds import best_static_misses  # noqa: E402
 from adaptive.catalog import demands_from_json  # noqa: E402
 from adaptive.policies import competitors, list_policies, policy_class  # noqa: E402
-from adaptive.report import accuracy_lost  # noqa: E402
+from adaptive.report import accuracy_lost, best_static_summary  # noqa: E402
 from adaptive.select import ModelDemand  # noqa: E402
 from adaptive.simulate import clone_population, compare  # noqa: E402
 from adaptive.traces import synth  # noqa: E402
@@ -201,15 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{s['belady_bound_ratio_median']:.2f}).", ""]
     z = s.get("static_zipf_summary")
     if z:
-        lines += [f"Part of that ratio no online policy can close: on the zipf trace "
-                  f"(independent requests) the best *fixed* set of resident models, chosen "
-                  f"knowing every model's request count, misses {z['static_over_bound_min']:.2f}"
-                  f"-{z['static_over_bound_max']:.2f}x the bound (median "
-                  f"{z['static_over_bound_median']:.2f}) in the {z['cells']} cells above the "
-                  f"compulsory misses; memadapt misses median "
-                  f"{z['memadapt_over_static_median']:.2f}x, at most "
-                  f"{z['memadapt_over_static_max']:.2f}x, what that set misses "
-                  f"(`adaptive.bounds.best_static_misses`; an estimate, not a bound).", ""]
+        lines += [best_static_summary(z), ""]
     if s["short"]:
         lines += ["### Where memadapt falls short", "",
                   "Where effective accuracy goes: the best variant's accuracy on every request, "

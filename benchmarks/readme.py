@@ -32,6 +32,7 @@ def headline(results: Path) -> str:
     rep = _load(results, "policies.json")
     meta, s, rows = rep["meta"], rep["summary"], rep["results"]
     from adaptive.policies import competitors
+    from adaptive.report import best_static_summary
 
     comp = competitors(meta["policies"])
     comp = ["infaas"] + [p for p in comp if p != "infaas"]
@@ -96,18 +97,7 @@ def headline(results: Path) -> str:
                   f"does not know of the future.", ""]
         z = s.get("static_zipf_summary")
         if z:
-            lines += [f"On the zipf trace, whose requests are independent, that part can be "
-                      f"measured: the best *fixed* set of resident models, chosen knowing every "
-                      f"model's request count (about the best an online policy can expect "
-                      f"there), misses {z['static_over_bound_min']:.2f}-"
-                      f"{z['static_over_bound_max']:.2f}x the bound (median "
-                      f"{z['static_over_bound_median']:.2f}) in its {z['cells']} cells above "
-                      f"the compulsory misses, and memadapt misses median "
-                      f"{z['memadapt_over_static_median']:.2f}x, at most "
-                      f"{z['memadapt_over_static_max']:.2f}x, what that set misses "
-                      f"(`adaptive.bounds.best_static_misses`, an estimate, not a bound). "
-                      f"In {z['static_over_1_3']} of those {z['cells']} cells even that set "
-                      f"misses more than 1.3x the bound.", ""]
+            lines += [best_static_summary(z), ""]
     if rep.get("timing"):
         tm = ", ".join(f"{t['policy']} {t['simulate_s']:.1f} s" for t in rep["timing"])
         t0 = rep["timing"][0]
