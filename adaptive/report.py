@@ -35,13 +35,16 @@ def accuracy_lost(row: Mapping[str, Any] | Any) -> str:
 
 def best_static_summary(z: Mapping[str, Any]) -> str:
     """One sentence on how far the best fixed set of resident models is from the bound on the
-    zipf cells above the compulsory misses, and memadapt from that set (``benchmarks/
-    policies.py``'s ``summary.static_zipf_summary``; :func:`adaptive.bounds.best_static_misses`)."""
-    return (f"On the zipf trace, whose requests are independent, part of the ratio to the bound "
-            f"can be measured: the best *fixed* set of resident models, chosen knowing every "
-            f"model's request count (about the best an online policy can expect there), misses "
-            f"{z['static_over_bound_min']:.2f}-{z['static_over_bound_max']:.2f}x the bound "
-            f"(median {z['static_over_bound_median']:.2f}) in its {z['cells']} cells above the "
+    cells above the compulsory misses of traces whose requests are independent draws from a
+    fixed popularity, and memadapt from that set (``benchmarks/policies.py``'s
+    ``summary.static_irm_summary``; :func:`adaptive.bounds.best_static_misses`)."""
+    kinds = " and ".join(z["kinds"])
+    return (f"On the {kinds} traces, whose requests are independent draws from a fixed "
+            f"popularity, part of the ratio to the bound can be measured: the best *fixed* set "
+            f"of resident models, chosen knowing every model's request count (about the best an "
+            f"online policy can expect there), misses {z['static_over_bound_min']:.2f}-"
+            f"{z['static_over_bound_max']:.2f}x the bound (median "
+            f"{z['static_over_bound_median']:.2f}) in their {z['cells']} cells above the "
             f"compulsory misses, and memadapt misses median "
             f"{z['memadapt_over_static_median']:.2f}x, at most "
             f"{z['memadapt_over_static_max']:.2f}x, what that set misses "

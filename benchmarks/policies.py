@@ -46,6 +46,9 @@ from adaptive.verdict import verdict  # noqa: E402
 log = logging.getLogger("benchmarks.policies")
 
 HERE = Path(__file__).resolve().parent
+#: trace kinds whose requests are independent draws from a fixed popularity: there the best
+#: fixed set (adaptive.bounds.best_static_misses) is about the best an online policy expects
+IRM_KINDS = ("zipf", "diurnal")
 POPULATIONS = {"demo": HERE / "populations" / "demo.json",
                "cpu_cnn": HERE / "populations" / "cpu_cnn.json",
                "siblings": HERE / "populations" / "siblings.json"}
@@ -152,21 +155,23 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
                   for x in ratios if x["above_compulsory"] and x["bound"] > 0
                   and (x["population"], x["kind"], x["budget_fraction"]) in bel]
     out["belady_bound_ratio_median"] = float(np.median(bel_ratios)) if bel_ratios else None
-    # on independent requests (zipf), the best fixed set chosen knowing the request counts is
-    # about the best an online policy can expect: how far that is from the bound, and
-    # memadapt from it
+    # on independent draws from a fixed popularity (zipf; diurnal varies only their rate) the
+    # best fixed set chosen knowing the request counts is about the best an online policy can
+    # expect: how far that is from the bound, and memadapt from it
     irm = [(x, by[(x["population"], x["kind"], x["budget_fraction"])].get("best_static_miss_rate"))
-           for x in ratios if x["kind"] == "zipf" and x["above_compulsory"]]
-    irm = [(x, st) for x, st in irm if st is not None]
-    out["static_zipf"] = [{"population": x["population"], "budget_fraction": x["budget_fraction"],
-                           "bound": x["bound"], "best_static": st, "memadapt": x["memadapt"],
-                           "static_over_bound": st / x["bound"], "memadapt_over_static":
-                           x["memadapt"] / st} for x, st in irm]
+           for x in ratios if x["kind"] in IRM_KINDS and x["above_compulsory"]]
+    irm = [(x, st) for x, st in irm if st]
+    out["static_irm"] = [{"population": x["population"], "kind": x["kind"],
+                          "budget_fraction": x["budget_fraction"], "bound": x["bound"],
+                          "best_static": st, "memadapt": x["memadapt"],
+                          "static_over_bound": st / x["bound"],
+                          "memadapt_over_static": x["memadapt"] / st} for x, st in irm]
     if irm:
-        sb = [y["static_over_bound"] for y in out["static_zipf"]]
-        ms = [y["memadapt_over_static"] for y in out["static_zipf"]]
-        out["static_zipf_summary"] = {
-            "cells": len(sb), "static_over_bound_median": float(np.median(sb)),
+        sb = [y["static_over_bound"] for y in out["static_irm"]]
+        ms = [y["memadapt_over_static"] for y in out["static_irm"]]
+        out["static_irm_summary"] = {
+            "kinds": sorted({y["kind"] for y in out["static_irm"]}), "cells": len(sb),
+            "static_over_bound_median": float(np.median(sb)),
             "static_over_bound_min": min(sb), "static_over_bound_max": max(sb),
             "memadapt_over_static_median": float(np.median(ms)),
             "memadapt_over_static_max": max(ms),
@@ -199,7 +204,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"misses: median {s['bound_ratio_median']:.2f}, worst "
                   f"{s['bound_ratio_max']:.2f} (offline Belady-Size: median "
                   f"{s['belady_bound_ratio_median']:.2f}).", ""]
-    z = s.get("static_zipf_summary")
+    z = s.get("static_irm_summary")
     if z:
         lines += [best_static_summary(z), ""]
     if s["short"]:

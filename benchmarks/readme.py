@@ -95,7 +95,7 @@ def headline(results: Path) -> str:
                   f"is an LP relaxation (fractional hits, capacity per group of instants), not "
                   f"a schedule a policy could follow; most of the gap is what an online policy "
                   f"does not know of the future.", ""]
-        z = s.get("static_zipf_summary")
+        z = s.get("static_irm_summary")
         if z:
             lines += [best_static_summary(z), ""]
     if rep.get("timing"):
