@@ -32,9 +32,10 @@ Those requests are taken out of the hits any policy could have. (The same holds 
 later miss, but which requests miss depends on the policy, so only the first load is used.)
 
 :func:`best_static_misses` is not a bound: it is what the best *fixed* residency misses when
-it is chosen knowing every model's request count. On a trace of independent requests (the
-``zipf`` generator) that is about the best an online policy can expect, so its distance from
-the bound is the part of a policy's ratio to the bound that no online policy can close.
+it is chosen knowing every model's request count. On a trace whose requests are independent
+draws from a fixed popularity (the ``zipf`` and ``diurnal`` generators) that is about the best
+an online policy can expect, so its distance from the bound is the part of a policy's ratio to
+the bound that no online policy can close.
 """
 
 from __future__ import annotations
