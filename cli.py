@@ -915,6 +915,8 @@ def simulate_cmd(store, profiles, trace_path, budget, budget_trace, floors, poli
                    "effective accuracy" if v.holds else
                    "memadapt falls short: " + "; ".join(v.shortfalls))
         click.echo(_accuracy_split(results))
+    if "bound" in results:
+        click.echo(_bound_line(results))
     if plot:
         click.echo(f"plot written to {plot}")
 
@@ -933,6 +935,20 @@ def _accuracy_split(results: dict[str, Any]) -> str:
     parts = [f"{p} {accuracy_lost(results[p])}" for p in shown]
     return (f"effective accuracy lost to late requests / to smaller variants, of "
             f"{results['memadapt'].best_accuracy:.4f} at best: " + ", ".join(parts))
+
+
+def _bound_line(results: dict[str, Any]) -> str:
+    """One line: the bound on misses, its compulsory part, and each online policy's (and
+    belady's) miss rate as a multiple of it, best first."""
+    b = results["bound"]
+    comp = b.policy_stats.get("compulsory_miss_rate")
+    head = f"bound on misses {b.miss_rate:.4f}" + (
+        f" (compulsory: first requests and those during a first load, {comp:.4f})"
+        if comp is not None else "")
+    if b.miss_rate <= 0:
+        return head
+    ratios = sorted((r.miss_rate / b.miss_rate, p) for p, r in results.items() if p != "bound")
+    return head + "; misses over it: " + ", ".join(f"{p} {x:.2f}x" for x, p in ratios)
 
 
 @main.command("replay")

@@ -1,6 +1,7 @@
 """select / trace / simulate through the CLI, on a profiles file (no models needed)."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -109,9 +110,16 @@ def test_simulate_with_slos_reports_the_field_metrics_and_a_verdict(profiles, tm
         assert col in r.output
     assert "memadapt beats" in r.output or "memadapt falls short" in r.output
     assert "lost to late requests / to smaller variants" in r.output and "infaas 0." in r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("bound on misses"))
     r = invoke("simulate", "--profiles", profiles, "--trace", trace, "--budget", "300MB",
                "--slo", "minilm=0.15", "--json")
     rows = {x["policy"]: x for x in json.loads(r.output)}
+    # the bound line: its rate and every policy's multiple of it (none below 1)
+    assert f"bound on misses {rows['bound']['miss_rate']:.4f}" in line
+    mult = {p: float(x) for p, x in re.findall(r"([\w-]+) ([\d.]+)x", line)}
+    assert set(mult) == set(rows) - {"bound"} and min(mult.values()) >= 1.0
+    assert mult["memadapt"] == pytest.approx(
+        rows["memadapt"]["miss_rate"] / rows["bound"]["miss_rate"], abs=0.006)
     assert 0 < rows["memadapt"]["slo_attainment"] <= 1
     for x in rows.values():  # where effective accuracy goes adds up (bound: null)
         if x["policy"] != "bound":
