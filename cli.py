@@ -938,8 +938,8 @@ def _accuracy_split(results: dict[str, Any]) -> str:
 
 
 def _bound_line(results: dict[str, Any]) -> str:
-    """One line: the bound on misses, its compulsory part, and each online policy's (and
-    belady's) miss rate as a multiple of it, best first."""
+    """One line: the bound on misses, its compulsory part, and every other row's miss rate
+    (online policies, ablations, belady) as a multiple of it, best first."""
     b = results["bound"]
     comp = b.policy_stats.get("compulsory_miss_rate")
     head = f"bound on misses {b.miss_rate:.4f}" + (

@@ -143,15 +143,20 @@ def _foo_l_hits(lo: np.ndarray, hi: np.ndarray, size: np.ndarray, cap: np.ndarra
     return free + int(math.floor(best + 1e-6 * max(1.0, best)))
 
 
+def _unprofiled(trace: RequestTrace, index: dict[str, int]) -> list[str]:
+    """The models ``trace`` asks for that ``index`` (model name -> demand) has no profile of."""
+    used = np.unique(trace.model) if len(trace) else np.zeros(0, np.int64)
+    return sorted({trace.models[k] for k in used.tolist()} - set(index))
+
+
 def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
                      budget: int | BudgetTrace, *, segments: int = SEGMENTS) -> MissBound:
     """The PFOO-L lower bound on misses, tightened by pooled FOO-L where it is above the
     compulsory misses (see the module docstring; ``segments=0`` keeps PFOO-L alone)."""
     lad = Ladders(demands)
     index = {d.model: k for k, d in enumerate(lad.demands)}
-    missing = sorted(set(trace.models) - set(index))
-    used = np.unique(trace.model) if len(trace) else np.zeros(0, np.int64)
-    if any(trace.models[k] in missing for k in used):
+    missing = _unprofiled(trace, index)
+    if missing:
         raise AdaptiveError(f"no profiles for trace models {missing[:5]}")
     n = len(trace)
     if n == 0:
@@ -209,7 +214,7 @@ def best_static_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
         return None
     lad = Ladders(demands)
     index = {d.model: k for k, d in enumerate(lad.demands)}
-    if any(trace.models[k] not in index for k in np.unique(trace.model)):
+    if _unprofiled(trace, index):
         return None
     counts = trace.counts()
     unit = max(1, int(budget) >> 16)

@@ -116,11 +116,8 @@ def heldout(results: Path) -> list[str]:
     for path in sorted(results.glob("heldout*/policies.json")):
         rep = json.loads(path.read_text())
         meta, s = rep["meta"], rep["summary"]
-        cmd = meta.get("command") or (f"python benchmarks/policies.py --seed {meta['seed']} "
-                                      f"--models {meta['models']} --out benchmarks/results/"
-                                      f"{path.parent.name}")
-        lines += [f"Held out (`{cmd}`: {meta['models']} models, other clones, jitter and "
-                  f"traces than the run above, defaults untouched): all checks hold in "
+        lines += [f"Held out (`{meta['command']}`: {meta['models']} models, other clones, "
+                  f"jitter and traces than the run above, defaults untouched): all checks hold in "
                   f"**{s['holds']} / {s['cells']}** cells (miss + stall {s['late']}, SLO "
                   f"{s['slo']}, normalized {s['normalized']}, effective accuracy "
                   f"{s['effective']}); bound ratio {s['bound_ratio_median']:.2f}x at the median, "
@@ -155,7 +152,6 @@ def _shortfalls(rep: dict[str, Any], *, top_of: list[str] | None = None,
                    f"{'; '.join(what)}{more} (late requests of {n:,}: memadapt "
                    f"{late['memadapt']}, infaas {late['infaas']}{also}{lost})")
     return out
-
 
 
 def _mib(b: float) -> str:

@@ -31,15 +31,7 @@ _BACKENDS: Registry[Callable[..., Session]] = Registry("backend")
 #: variant's memory follows its tensors, which is what a memory-adaptive cache charges for.
 CPU_MEM_ARENA = False
 
-#: Whether CPU sessions over an already optimised graph run onnxruntime's buffer-reuse pass
-#: when they open. The pass is most of a session's set-up once optimisation is off (ResNet-50
-#: exit@3, 86 nodes on symbolic shapes: 1.5-2 ms of a 5 ms open), and it buys nothing here:
-#: with the memory pattern on (the default) the run's buffers are laid out by their
-#: lifetimes anyway. Measured in fresh processes (glibc's mmap threshold pinned): the peak of
-#: a batch-1 and a batch-8 run and the steady run's time are the same with and without it.
-#: A long-running multi-threaded server is another matter (``benchmarks/serve_ray.py``: its
-#: replicas' resident memory grows further without the pass), so ``MEMADAPT_ORT_MEM_REUSE=1``
-#: in the environment turns it back on, for every process that inherits it.
+
 def env_flag(name: str, default: bool = False) -> bool:
     """An on/off setting from the environment: 1/0, true/false, yes/no, on/off (any case);
     unset or empty keeps ``default``; anything else warns, saying what it accepts, and keeps
@@ -57,6 +49,15 @@ def env_flag(name: str, default: bool = False) -> bool:
     return default
 
 
+#: Whether CPU sessions over an already optimised graph run onnxruntime's buffer-reuse pass
+#: when they open. The pass is most of a session's set-up once optimisation is off (ResNet-50
+#: exit@3, 86 nodes on symbolic shapes: 1.5-2 ms of a 5 ms open), and it buys nothing here:
+#: with the memory pattern on (the default) the run's buffers are laid out by their
+#: lifetimes anyway. Measured in fresh processes (glibc's mmap threshold pinned): the peak of
+#: a batch-1 and a batch-8 run and the steady run's time are the same with and without it.
+#: A long-running multi-threaded server is another matter (``benchmarks/serve_ray.py``: its
+#: replicas' resident memory grows further without the pass), so ``MEMADAPT_ORT_MEM_REUSE=1``
+#: in the environment turns it back on, for every process that inherits it.
 CPU_MEM_REUSE = env_flag("MEMADAPT_ORT_MEM_REUSE")
 
 
