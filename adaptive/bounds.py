@@ -157,7 +157,9 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     index = {d.model: k for k, d in enumerate(lad.demands)}
     missing = _unprofiled(trace, index)
     if missing:
-        raise AdaptiveError(f"no profiles for trace models {missing[:5]}")
+        raise AdaptiveError(f"no profiles for trace models {missing[:5]}: give every model the "
+                            f"trace asks for a ModelDemand (a profiles file entry), or drop "
+                            f"its requests from the trace")
     n = len(trace)
     if n == 0:
         return MissBound(0, 0, 0)

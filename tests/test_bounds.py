@@ -172,3 +172,13 @@ def test_best_static_misses_is_the_knapsack_of_request_counts():
     assert best_static_misses(tr, demands, 5 * mib) == 1 + 2  # A (6) is rejected
     budget = BudgetTrace(np.array([0.0]), np.array([8 * mib]))
     assert best_static_misses(tr, demands, budget) is None
+
+
+def test_bound_names_trace_models_without_profiles():
+    from adaptive.errors import AdaptiveError
+
+    tr = RequestTrace.from_names([0, 1], list("AB"), models=["A", "B", "idle"])
+    demands = [ModelDemand("A", [Candidate("base", 10, 0.9)])]
+    with pytest.raises(AdaptiveError, match=r"no profiles for trace models \['B'\]: give every"):
+        miss_lower_bound(tr, demands, 20)
+    assert best_static_misses(tr, demands, 20) is None
