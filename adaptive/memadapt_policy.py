@@ -9,8 +9,9 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
 * **Room** for a miss (or a budget drop) is taken in order of what it costs: first loads
   under way beside a serving variant are abandoned (free); then, step by step, whichever is
   expected to make fewer requests late per byte freed: an upgraded resident steps down
-  break-before-make (its requests that arrive during the smaller variant's load stall:
-  ``rate x load_s``), or a resident is evicted (it misses if it comes back within
+  break-before-make (its requests that arrive during the smaller variant's load stall, and
+  until the next plan can step it back up its requests lose the accuracy it gave up:
+  ``rate x (load_s + tick_s x accuracy lost)``), or a resident is evicted (it misses if it comes back within
   ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
   :class:`~adaptive.experts.EvictionExperts` (recency, decayed or long-run frequency per
   byte, or a forecast of the next request, whichever has missed least lately on shadow
@@ -28,6 +29,17 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   hottest first. A model just loaded starts its best variant that fits in that spare memory
   beside the first. Downgrades the plan wants are make-before-break too; urgent ones come
   from the room rule above.
+* **Priced upgrades**: where that reserve leaves nothing to spend (the working set does not
+  fit at its smallest variants), an upgrade may still take memory from it if the accuracy it
+  buys per second is at least ``price`` times the misses per second that memory would avoid.
+  That miss price is measured, not guessed: a second set of eviction ghosts runs at
+  ``(1 - probe)`` of the budget (a miniature simulation, as in Waldspurger et al., ATC'17),
+  and the misses it makes beyond the ghosts at the full budget, per byte of ``probe x
+  budget``, are the marginal misses of memory taken from the working set. Upgrades are bought
+  densest first (request rate x accuracy gained per byte), up to ``probe x budget`` in all,
+  which is as far as the probe measures. A hot model's cheap upgrade then outweighs keeping
+  room for a model asked for once in a while: on the Azure-like traces, where a few models
+  take most requests, this is what the whole-model policies had won effective accuracy with.
 
 Rates are exponentially decayed request counts (time constant ``tau_s``), the same
 :class:`~adaptive.admission.Rates` the cache uses.
@@ -56,24 +68,35 @@ class MemAdaptPolicy(Policy):
     ``tick_s`` (how often the upgrade plan is made), ``window_s`` (how long a model not asked
     for stays in the working set the plan reserves memory for), ``half_life_s`` (how fast the
     eviction experts forget their misses), ``defer`` (misses may wait for a make-before-break
-    downgrade), ``reserve_unseen`` (keep room for models not seen yet early in a run).
+    downgrade), ``reserve_unseen`` (keep room for models not seen yet early in a run),
+    ``price`` (how many times the accuracy an upgrade buys must outweigh the misses the memory
+    it takes from the working set would avoid) and ``probe`` (the share of the budget the
+    miss price is measured over and priced upgrades may take; 0: no priced upgrades).
     """
 
     variant_aware = True
 
     def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, window_s: float = 900.0,
                  half_life_s: float = 600.0, defer: bool = False, reserve_unseen: bool = True,
-                 exact: bool | None = None):
+                 price: float = 5.0, probe: float = 0.03, exact: bool | None = None):
         for k, v in (("tau_s", tau_s), ("tick_s", tick_s), ("window_s", window_s),
                      ("half_life_s", half_life_s)):
             if not (isinstance(v, (int, float)) and v > 0):
                 raise PolicyError(f"memadapt: {k} must be > 0 seconds, got {v!r}")
+        if not (isinstance(price, (int, float)) and price > 0):
+            raise PolicyError(f"memadapt: price must be > 0 (times the misses an upgrade's "
+                              f"memory would avoid), got {price!r}")
+        if not (isinstance(probe, (int, float)) and 0 <= probe < 1):
+            raise PolicyError(f"memadapt: probe must be a share of the budget in [0, 1) "
+                              f"(0 turns priced upgrades off), got {probe!r}")
         self.tau_s = float(tau_s)
         self.tick_s = float(tick_s)
         self.window_s = float(window_s)
         self.half_life_s = float(half_life_s)
         self.defer = bool(defer)
         self.reserve_unseen = bool(reserve_unseen)
+        self.price = float(price)
+        self.probe = float(probe)
         self.exact = exact
 
     def reset(self, cache: CacheState, *, seed: int = 0, future: np.ndarray | None = None) -> None:
@@ -82,6 +105,9 @@ class MemAdaptPolicy(Policy):
         self._lad = c.ladders
         self._rates = Rates(c.n, self.tau_s)
         self._experts = EvictionExperts(c.min_mem, self._rates, self.half_life_s)
+        # the same ghosts at (1 - probe) of the budget: the misses memory taken away would cost
+        self._probe = (EvictionExperts(c.min_mem, self._rates, self.half_life_s)
+                       if self.probe > 0 else None)
         self._ever = [False] * c.n
         self._first = [0.0] * c.n
         self._slo = [d.slo_s for d in c.demands]
@@ -94,13 +120,16 @@ class MemAdaptPolicy(Policy):
         self.deferred_downgrades = 0
         self.deferrals = 0
         self.cancelled = 0
+        self.priced_bytes = 0  # memory priced upgrades were allowed at the latest plan
+        self.priced_bytes_max = 0  # ... and the most at any plan
 
     def stats(self) -> dict[str, float]:
         w = self._experts.wins
         return {"replans": self.replans, "downgrades": self.downgrades,
                 "upgrades": self.upgrades, "urgent_downgrades": self.urgent_downgrades,
                 "deferred_downgrades": self.deferred_downgrades, "deferrals": self.deferrals,
-                "cancelled_loads": self.cancelled,
+                "cancelled_loads": self.cancelled, "priced_bytes": self.priced_bytes,
+                "priced_bytes_max": self.priced_bytes_max,
                 **{f"evictions_by_{o}": w[k] for k, o in enumerate(ORDERS)}}
 
     # -- protocol ------------------------------------------------------------------------------
@@ -112,6 +141,8 @@ class MemAdaptPolicy(Policy):
             self._first[m] = t
         self._count[m] += 1
         self._experts.request(m, t, self.cache.budget)
+        if self._probe is not None:
+            self._probe.request(m, t, self.cache.budget * (1.0 - self.probe))
 
     def on_hit(self, i: int, t: float, m: int) -> None:
         self._seen(m, t)
@@ -132,6 +163,8 @@ class MemAdaptPolicy(Policy):
 
     def on_budget(self, t: float, budget: int) -> None:
         self._experts.shrink(budget)
+        if self._probe is not None:
+            self._probe.shrink(budget * (1.0 - self.probe))
         self._make_room(0, t, exclude=-1)
         self._plan(t)
 
@@ -163,11 +196,12 @@ class MemAdaptPolicy(Policy):
             a = self._deferral(need, t, exclude, loading)
             if a >= 0:
                 return a
-        # 3. break-before-make downgrades or evictions, whichever is expected to cost fewer
-        #    late requests per byte freed: a downgrade's requests that arrive during the
-        #    smaller variant's load stall (rate x load_s); an evicted model misses if it comes
-        #    back within the window (evictions in the order that has missed least lately)
-        experts, window = self._experts, self.window_s
+        # 3. break-before-make downgrades or evictions, whichever is expected to cost less per
+        #    byte freed: a downgrade's requests that arrive during the smaller variant's load
+        #    stall (rate x load_s) and, until the next plan may step it back up, lose the
+        #    accuracy it gave up (rate x tick_s x accuracy lost); an evicted model misses if it
+        #    comes back within the window (evictions in the order that has missed least lately)
+        experts, window, hold = self._experts, self.window_s, self.tick_s
         while c.free < need:
             best, best_cost, best_v = -1, math.inf, -1
             short = need - c.free
@@ -185,7 +219,8 @@ class MemAdaptPolicy(Policy):
                         v = rungs[k]
                         break
                 freed = c.mem[r][cur] - c.mem[r][v]
-                cost = rates.rate(r, t) * c.load_s[r][v] / max(freed, 1)
+                lost = c.acc[r][cur] - c.acc[r][v]
+                cost = rates.rate(r, t) * (c.load_s[r][v] + hold * lost) / max(freed, 1)
                 if cost < best_cost:
                     best, best_cost, best_v = r, cost, v
             victims = [r for r in c.resident if r != exclude and r not in queued]
@@ -288,6 +323,8 @@ class MemAdaptPolicy(Policy):
         reserve = self._reserve(t)
         floor_bytes = sum(lad.lmem[r][0] for r in resident)
         budget = max(int(c.budget - reserve), floor_bytes)
+        if budget < c.budget and self._probe is not None:
+            budget = min(c.budget, max(budget, floor_bytes + self._priced(t)))
         now = self._rates.rates(t)
         rates = [0.0] * c.n
         for r in resident:
@@ -317,3 +354,39 @@ class MemAdaptPolicy(Policy):
             if c.pend[r] < 0 and c.free >= c.mem[r][want]:
                 c.swap(r, want, t, "mbb")
                 self.upgrades += 1
+
+    def _miss_price(self) -> float:
+        """Marginal misses per second per byte taken from the working set: what the probe's
+        ghosts (at ``1 - probe`` of the budget) miss beyond the full-budget ghosts, in the
+        order that ranks evictions now, as a rate, per byte of the difference."""
+        e, p = self._experts, self._probe
+        k = e.order()
+        extra = max(p.score[k] - e.score[k], 0.0)  # decayed counts on the same clock
+        return extra * math.log(2) / self.half_life_s / max(self.probe * self.cache.budget, 1)
+
+    def _priced(self, t: float) -> int:
+        """Bytes above the residents' smallest rungs that upgrades worth ``price`` x the
+        misses their memory would avoid may take, densest first, at most ``probe x budget``."""
+        c, lad, rates = self.cache, self._lad, self._rates
+        bar = self.price * self._miss_price()
+        cap = self.probe * c.budget
+        offers = []
+        for h in c.resident:
+            lm, la = lad.lmem[h], lad.lacc[h]
+            rate = rates.rate(h, t)
+            for j in range(1, len(lm)):
+                dm, da = lm[j] - lm[0], la[j] - la[0]
+                if dm > 0 and da > 0 and rate * da >= bar * dm:
+                    offers.append((rate * da / dm, dm, h))
+        offers.sort(key=lambda o: -o[0])
+        taken: dict[int, int] = {}
+        total = 0
+        for _, dm, h in offers:
+            more = dm - taken.get(h, 0)
+            if more <= 0 or total + more > cap:
+                continue
+            total += more
+            taken[h] = dm
+        self.priced_bytes = total
+        self.priced_bytes_max = max(self.priced_bytes_max, total)
+        return total

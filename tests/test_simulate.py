@@ -447,3 +447,51 @@ def test_ledger_matches_the_residency_after_every_decision(policy, seed, populat
     for kw in ({}, {"reserve_unseen": False, "defer": True}) if policy == "memadapt" else ({},):
         r = simulate(tr, population, _Audited(get_policy(policy, **kw)), budget, seed=seed)
         _check_invariants(r, budget)
+
+
+def _hot_and_cold(gain: float):
+    """A hot model ``H`` whose upgrade costs 20 bytes; five warm models of 100 bytes, each
+    asked for every 20 s, and three rare ones asked for in turn every 60 s. At 550 bytes the
+    working set (810 at the smallest variants) never fits and the reserve for the rare ones
+    leaves nothing to spend; H and the warm models fit, but at 10% less (the probe the tests
+    use) one warm model would miss each time round, so memory has a measurable price."""
+    demands = [ModelDemand("H", [Candidate("small", 10, 0.90, 0.001, 0.01),
+                                 Candidate("big", 30, 0.90 + gain, 0.001, 0.02)])]
+    demands += [ModelDemand(f"C{k}", [Candidate("only", 100, 0.90, 0.001, 0.01)])
+                for k in range(8)]
+    events = [(i / 5, "H") for i in range(1800 * 5)]  # 5 requests/s for 30 minutes
+    events += [(4 * k + 20 * i + 1, f"C{k}") for k in range(5) for i in range(90)]
+    events += [(60 * i + 30, f"C{5 + i % 3}") for i in range(30)]
+    events.sort()
+    return RequestTrace.from_names([t for t, _ in events], [n for _, n in events]), demands
+
+
+def test_memadapt_buys_a_hot_models_upgrade_with_memory_the_working_set_wanted():
+    tr, demands = _hot_and_cold(gain=0.09)
+    off = simulate(tr, demands, get_policy("memadapt", probe=0.0), 550)
+    on = simulate(tr, demands, get_policy("memadapt", probe=0.1), 550)
+    # without priced upgrades the reserve for the cold models keeps H at its small variant
+    assert off.policy_stats["upgrades"] == 0
+    # with them H's upgrade (5 req/s x 0.09 per 20 bytes) outweighs, by far more than the
+    # price, the misses 20 bytes would avoid (a warm model takes 100): H serves "big"
+    assert on.policy_stats["priced_bytes"] >= 20
+    assert on.effective_accuracy > off.effective_accuracy + 0.05
+    # and the 20 bytes cost no warm model its place: the same misses, no stalls
+    assert on.misses == off.misses and on.stalls == 0
+    assert on.floor_violations == 0 and on.peak_bytes <= 550
+
+
+def test_memadapt_does_not_buy_an_upgrade_worth_less_than_the_misses_it_risks():
+    tr, demands = _hot_and_cold(gain=0.0001)
+    r = simulate(tr, demands, get_policy("memadapt", probe=0.1), 550)
+    # 5 req/s x 0.0001 per 20 bytes is less than 5x the misses 20 bytes avoid: by the end
+    # (once the probe has seen a warm model miss) nothing is priced in
+    assert r.policy_stats["priced_bytes"] == 0
+    assert r.effective_accuracy < 0.9001
+
+
+@pytest.mark.parametrize("kw, what", [({"price": 0}, "price"), ({"price": -1.0}, "price"),
+                                      ({"probe": 1.0}, "probe"), ({"probe": -0.1}, "probe")])
+def test_memadapt_rejects_a_bad_price_or_probe(kw, what):
+    with pytest.raises(PolicyError, match=f"memadapt: {what}"):
+        get_policy("memadapt", **kw)
