@@ -8,10 +8,10 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   misses least, and a model whose SLO some variant meets only ever loads such a variant.
 * **Room** for a miss (or a budget drop) is taken in order of what it costs: first loads
   under way beside a serving variant are abandoned (free); then, step by step, whichever is
-  expected to make fewer requests late per byte freed: an upgraded resident steps down
-  break-before-make (its requests that arrive during the smaller variant's load stall, and
-  until the next plan can step it back up its requests lose the accuracy it gave up:
-  ``rate x (load_s + tick_s x accuracy lost)``), or a resident is evicted (it misses if it comes back within
+  expected to cost less per byte freed: an upgraded resident steps down break-before-make
+  (its requests that arrive during the smaller variant's load stall, and until the next plan
+  can step it back up its requests lose the accuracy it gave up: ``rate x (load_s + tick_s x
+  accuracy lost)``), or a resident is evicted (it misses if it comes back within
   ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
   :class:`~adaptive.experts.EvictionExperts` (recency, decayed or long-run frequency per
   byte, or a forecast of the next request, whichever has missed least lately on shadow
