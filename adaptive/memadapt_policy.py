@@ -48,6 +48,8 @@ Rates are exponentially decayed request counts (time constant ``tau_s``), the sa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -57,62 +59,93 @@ from adaptive.cachestate import CacheState
 from adaptive.experts import ORDERS, EvictionExperts
 from adaptive.policy_base import Policy, PolicyError, register_policy
 
-__all__ = ["MemAdaptPolicy"]
+__all__ = ["MemAdaptConfig", "MemAdaptPolicy"]
+
+
+@dataclass(frozen=True)
+class MemAdaptConfig:
+    """memadapt's options, validated on construction (a bad value is a :class:`PolicyError`
+    that says what a good one is).
+
+    * ``tau_s``: the time constant of the decayed request rates;
+    * ``tick_s``: how often the upgrade plan is made;
+    * ``window_s``: how long a model not asked for stays in the working set the plan reserves
+      memory for;
+    * ``half_life_s``: how fast the eviction experts forget their misses;
+    * ``defer``: misses may wait for a hotter model's make-before-break downgrade;
+    * ``reserve_unseen``: keep room for models not seen yet in a run's first ``window_s``;
+    * ``price``: how many times the accuracy an upgrade buys must outweigh the misses the
+      memory it takes from the working set would avoid;
+    * ``probe``: the share of the budget the miss price is measured over and priced upgrades
+      may take (0: no priced upgrades);
+    * ``exact``: passed to :func:`adaptive.select` (None: exact where it is cheap).
+    """
+
+    tau_s: float = 120.0
+    tick_s: float = 10.0
+    window_s: float = 900.0
+    half_life_s: float = 600.0
+    defer: bool = False
+    reserve_unseen: bool = True
+    price: float = 5.0
+    probe: float = 0.03
+    exact: bool | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("tau_s", "tick_s", "window_s", "half_life_s"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise PolicyError(f"memadapt: {k} must be > 0 seconds, got {v!r}")
+            object.__setattr__(self, k, float(v))
+        if not (isinstance(self.price, (int, float)) and self.price > 0):
+            raise PolicyError(f"memadapt: price must be > 0 (times the misses an upgrade's "
+                              f"memory would avoid), got {self.price!r}")
+        if not (isinstance(self.probe, (int, float)) and 0 <= self.probe < 1):
+            raise PolicyError(f"memadapt: probe must be a share of the budget in [0, 1) "
+                              f"(0 turns priced upgrades off), got {self.probe!r}")
+        for k in ("defer", "reserve_unseen"):
+            if not isinstance(getattr(self, k), bool):
+                raise PolicyError(f"memadapt: {k} must be true or false, got "
+                                  f"{getattr(self, k)!r}")
+        if self.exact is not None and not isinstance(self.exact, bool):
+            raise PolicyError(f"memadapt: exact must be true, false or None, got {self.exact!r}")
+        object.__setattr__(self, "price", float(self.price))
+        object.__setattr__(self, "probe", float(self.probe))
 
 
 @register_policy("memadapt")
 class MemAdaptPolicy(Policy):
     """Variant-aware caching: downgrade before evicting, upgrade only into spare memory.
 
-    See the module docstring for the rules. Options: ``tau_s`` (rate time constant),
-    ``tick_s`` (how often the upgrade plan is made), ``window_s`` (how long a model not asked
-    for stays in the working set the plan reserves memory for), ``half_life_s`` (how fast the
-    eviction experts forget their misses), ``defer`` (misses may wait for a make-before-break
-    downgrade), ``reserve_unseen`` (keep room for models not seen yet early in a run),
-    ``price`` (how many times the accuracy an upgrade buys must outweigh the misses the memory
-    it takes from the working set would avoid) and ``probe`` (the share of the budget the
-    miss price is measured over and priced upgrades may take; 0: no priced upgrades).
+    See the module docstring for the rules. Options are the fields of
+    :class:`MemAdaptConfig`, given as a ``config``, as keywords (``get_policy("memadapt",
+    price=3)``), or both (keywords override the config's fields).
     """
 
     variant_aware = True
 
-    def __init__(self, tau_s: float = 120.0, tick_s: float = 10.0, window_s: float = 900.0,
-                 half_life_s: float = 600.0, defer: bool = False, reserve_unseen: bool = True,
-                 price: float = 5.0, probe: float = 0.03, exact: bool | None = None):
-        for k, v in (("tau_s", tau_s), ("tick_s", tick_s), ("window_s", window_s),
-                     ("half_life_s", half_life_s)):
-            if not (isinstance(v, (int, float)) and v > 0):
-                raise PolicyError(f"memadapt: {k} must be > 0 seconds, got {v!r}")
-        if not (isinstance(price, (int, float)) and price > 0):
-            raise PolicyError(f"memadapt: price must be > 0 (times the misses an upgrade's "
-                              f"memory would avoid), got {price!r}")
-        if not (isinstance(probe, (int, float)) and 0 <= probe < 1):
-            raise PolicyError(f"memadapt: probe must be a share of the budget in [0, 1) "
-                              f"(0 turns priced upgrades off), got {probe!r}")
-        self.tau_s = float(tau_s)
-        self.tick_s = float(tick_s)
-        self.window_s = float(window_s)
-        self.half_life_s = float(half_life_s)
-        self.defer = bool(defer)
-        self.reserve_unseen = bool(reserve_unseen)
-        self.price = float(price)
-        self.probe = float(probe)
-        self.exact = exact
+    def __init__(self, config: MemAdaptConfig | None = None, **options: Any):
+        known = {f.name for f in fields(MemAdaptConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise PolicyError(f"memadapt: unknown option(s) {', '.join(unknown)}; "
+                              f"options are {', '.join(sorted(known))}")
+        self.config = replace(config or MemAdaptConfig(), **options)
 
     def reset(self, cache: CacheState, *, seed: int = 0, future: np.ndarray | None = None) -> None:
         super().reset(cache, seed=seed)
         c = cache
         self._lad = c.ladders
-        self._rates = Rates(c.n, self.tau_s)
-        self._experts = EvictionExperts(c.min_mem, self._rates, self.half_life_s)
+        self._rates = Rates(c.n, self.config.tau_s)
+        self._experts = EvictionExperts(c.min_mem, self._rates, self.config.half_life_s)
         # the same ghosts at (1 - probe) of the budget: the misses memory taken away would cost
-        self._probe = (EvictionExperts(c.min_mem, self._rates, self.half_life_s)
-                       if self.probe > 0 else None)
+        self._probe = (EvictionExperts(c.min_mem, self._rates, self.config.half_life_s)
+                       if self.config.probe > 0 else None)
         self._ever = [False] * c.n
         self._first = [0.0] * c.n
         self._slo = [d.slo_s for d in c.demands]
         self._count = [0] * c.n
-        self._next_plan = self.tick_s
+        self._next_plan = self.config.tick_s
         self.replans = 0
         self.downgrades = 0
         self.upgrades = 0
@@ -142,7 +175,7 @@ class MemAdaptPolicy(Policy):
         self._count[m] += 1
         self._experts.request(m, t, self.cache.budget)
         if self._probe is not None:
-            self._probe.request(m, t, self.cache.budget * (1.0 - self.probe))
+            self._probe.request(m, t, self.cache.budget * (1.0 - self.config.probe))
 
     def on_hit(self, i: int, t: float, m: int) -> None:
         self._seen(m, t)
@@ -164,7 +197,7 @@ class MemAdaptPolicy(Policy):
     def on_budget(self, t: float, budget: int) -> None:
         self._experts.shrink(budget)
         if self._probe is not None:
-            self._probe.shrink(budget * (1.0 - self.probe))
+            self._probe.shrink(budget * (1.0 - self.config.probe))
         self._make_room(0, t, exclude=-1)
         self._plan(t)
 
@@ -192,7 +225,7 @@ class MemAdaptPolicy(Policy):
             if c.free >= need:
                 return -1
         # 2. a miss may wait for a make-before-break downgrade of a hotter model: nobody stalls
-        if exclude >= 0 and self.defer:
+        if exclude >= 0 and self.config.defer:
             a = self._deferral(need, t, exclude, loading)
             if a >= 0:
                 return a
@@ -201,7 +234,7 @@ class MemAdaptPolicy(Policy):
         #    stall (rate x load_s) and, until the next plan may step it back up, lose the
         #    accuracy it gave up (rate x tick_s x accuracy lost); an evicted model misses if it
         #    comes back within the window (evictions in the order that has missed least lately)
-        experts, window, hold = self._experts, self.window_s, self.tick_s
+        experts, window, hold = self._experts, self.config.window_s, self.config.tick_s
         while c.free < need:
             best, best_cost, best_v = -1, math.inf, -1
             short = need - c.free
@@ -240,7 +273,7 @@ class MemAdaptPolicy(Policy):
     def _long_rate(self, m: int, t: float) -> float:
         """Requests per second of ``m`` since it was first asked for (a periodic model's
         rate, which a decayed count forgets between its requests)."""
-        return self._count[m] / max(t - self._first[m], self.tau_s)
+        return self._count[m] / max(t - self._first[m], self.config.tau_s)
 
     def _deferral(self, need: int, t: float, m: int, v: int) -> int:
         """A resident ``a`` hotter than ``m`` whose make-before-break downgrade frees enough
@@ -292,10 +325,10 @@ class MemAdaptPolicy(Policy):
     def _reserve(self, t: float) -> int:
         """Bytes kept for models that are not resident but will come (see the docstring)."""
         c, lad = self.cache, self._lad
-        last, ever, horizon = self._rates.last, self._ever, t - self.window_s
+        last, ever, horizon = self._rates.last, self._ever, t - self.config.window_s
         # a model not asked for yet is expected while the run is young (a population's
         # models show up in its first window); after that only recent ones are
-        unseen = self.reserve_unseen and t < self.window_s
+        unseen = self.config.reserve_unseen and t < self.config.window_s
         coming = sum(lad.min_mem[m] for m in range(c.n)
                      if m not in c.resident and lad.min_mem[m] <= c.budget
                      and ((ever[m] and last[m] >= horizon) or (unseen and not ever[m])))
@@ -315,7 +348,7 @@ class MemAdaptPolicy(Policy):
 
     def _plan(self, t: float) -> None:
         c, lad = self.cache, self._lad
-        self._next_plan = (math.floor(t / self.tick_s) + 1) * self.tick_s
+        self._next_plan = (math.floor(t / self.config.tick_s) + 1) * self.config.tick_s
         self.replans += 1
         resident = list(c.resident)
         if not resident:
@@ -332,7 +365,7 @@ class MemAdaptPolicy(Policy):
         # plan on what each model will hold once its side load completes
         held = [c.pend[m] if c.pend[m] >= 0 else c.res[m] for m in range(c.n)]
         choice = plan_choice(lad, rates, held, resident, budget, objective="misses",
-                             exact=self.exact)
+                             exact=self.config.exact)
         if choice is None:
             return
         downs, ups = [], []
@@ -362,14 +395,15 @@ class MemAdaptPolicy(Policy):
         e, p = self._experts, self._probe
         k = e.order()
         extra = max(p.score[k] - e.score[k], 0.0)  # decayed counts on the same clock
-        return extra * math.log(2) / self.half_life_s / max(self.probe * self.cache.budget, 1)
+        cfg = self.config
+        return extra * math.log(2) / cfg.half_life_s / max(cfg.probe * self.cache.budget, 1)
 
     def _priced(self, t: float) -> int:
         """Bytes above the residents' smallest rungs that upgrades worth ``price`` x the
         misses their memory would avoid may take, densest first, at most ``probe x budget``."""
         c, lad, rates = self.cache, self._lad, self._rates
-        bar = self.price * self._miss_price()
-        cap = self.probe * c.budget
+        bar = self.config.price * self._miss_price()
+        cap = self.config.probe * c.budget
         offers = []
         for h in c.resident:
             lm, la = lad.lmem[h], lad.lacc[h]

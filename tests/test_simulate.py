@@ -358,6 +358,25 @@ def test_unknown_policy_and_bad_options_list_what_is_known():
             "memadapt"} <= set(list_policies())
 
 
+def test_memadapt_options_are_a_frozen_validated_config():
+    from dataclasses import FrozenInstanceError
+
+    from adaptive.memadapt_policy import MemAdaptConfig
+
+    cfg = MemAdaptConfig(price=2, probe=0.1)
+    pol = get_policy("memadapt", config=cfg, tick_s=5)
+    assert pol.config == MemAdaptConfig(price=2.0, probe=0.1, tick_s=5.0)
+    assert cfg.tick_s == 10.0  # keywords override a copy, never the config given
+    with pytest.raises(FrozenInstanceError):
+        cfg.price = 1.0  # type: ignore[misc]
+    with pytest.raises(PolicyError, match="unknown option.*pric; options are .*price"):
+        get_policy("memadapt", pric=3)
+    with pytest.raises(PolicyError, match="defer must be true or false, got 'yes'"):
+        MemAdaptConfig(defer="yes")  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="window_s must be > 0 seconds"):
+        MemAdaptConfig(window_s=-1)
+
+
 def test_unknown_model_in_trace_names_the_request():
     tr = RequestTrace.from_names([0, 1], ["A", "Q"])
     with pytest.raises(TraceError, match="request #1: unknown model 'Q'"):
