@@ -34,8 +34,9 @@ later miss, but which requests miss depends on the policy, so only the first loa
 :func:`best_static_misses` is not a bound: it is what the best *fixed* residency misses when
 it is chosen knowing every model's request count. On a trace whose requests are independent
 draws from a fixed popularity (the ``zipf`` and ``diurnal`` generators) that is about the best
-an online policy can expect, so its distance from the bound is the part of a policy's ratio to
-the bound that no online policy can close.
+an online policy can expect, and :func:`irm_online_misses` makes that a bound there: no online
+policy's expected misses are below it, so its distance from the bound above is a part of a
+policy's ratio to that bound that no online policy can close.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from adaptive.errors import AdaptiveError
 from adaptive.select import ModelDemand
 from adaptive.traces import BudgetTrace, RequestTrace
 
-__all__ = ["MissBound", "best_static_misses", "miss_lower_bound"]
+__all__ = ["MissBound", "best_static_misses", "irm_online_misses", "miss_lower_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,14 @@ def miss_lower_bound(trace: RequestTrace, demands: Sequence[ModelDemand],
     return MissBound(misses=int(len(idx) - hits), served=int(len(idx)), compulsory=compulsory)
 
 
-def best_static_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
-                       budget: int) -> int | None:
-    """Misses of the best fixed set of resident models for ``trace`` under a fixed ``budget``,
-    chosen knowing every model's request count: each chosen model (at its smallest eligible
-    variant) misses its first request, every other model all of its requests. A knapsack in
-    units of 1/65536 of the budget, sizes rounded down, so the set it finds is at least as good
-    as the best that fits (and overfills the budget by at most one unit per model). Not a
-    bound (a policy that adapts may do better on a trace whose popularity moves; see the
-    module docstring); None for a budget that changes or a model without profiles."""
+def _static_knapsack(trace: RequestTrace, demands: Sequence[ModelDemand], budget: int,
+                     first_miss: bool) -> int | None:
+    """Requests served less the most that one fixed set of models (at their smallest eligible
+    variants) keeps from missing: each chosen model's request count, less one for its first
+    request when ``first_miss``. A knapsack in units of 1/65536 of the budget, sizes rounded
+    down (a relaxation: what it finds is at least as good as the best set that fits, and
+    overfills the budget by at most one unit per model); None for a budget that changes or a
+    model without profiles."""
     if isinstance(budget, BudgetTrace):
         return None
     lad = Ladders(demands)
@@ -228,9 +228,42 @@ def best_static_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
         if c == 0 or size > budget:
             continue  # rejected by everyone (or never asked for)
         served += c
+        kept = c - 1 if first_miss else c
         w = int(size) // unit
         if w == 0:
-            best += c - 1
+            best += kept
         elif w <= cap:
-            best[w:] = np.maximum(best[w:], best[:cap + 1 - w] + (c - 1))
+            best[w:] = np.maximum(best[w:], best[:cap + 1 - w] + kept)
     return int(served - best[cap])
+
+
+def best_static_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
+                       budget: int) -> int | None:
+    """Misses of the best fixed set of resident models for ``trace`` under a fixed ``budget``,
+    chosen knowing every model's request count: each chosen model (at its smallest eligible
+    variant) misses its first request, every other model all of its requests (the relaxed
+    knapsack of :func:`_static_knapsack`). Not a bound (a policy that adapts may do better on
+    a trace whose popularity moves; see the module docstring); None for a budget that changes
+    or a model without profiles."""
+    return _static_knapsack(trace, demands, budget, first_miss=True)
+
+
+def irm_online_misses(trace: RequestTrace, demands: Sequence[ModelDemand],
+                      budget: int) -> int | None:
+    """A lower bound on the *expected* misses of any online policy, variant-aware or not, when
+    the trace's requests are independent draws from a fixed popularity (the independent
+    reference model: ``zipf``, and ``diurnal``, whose rate alone moves), taken to be the
+    trace's own request frequencies ``p``.
+
+    Whatever an online policy holds when a request arrives is a set ``S`` of models that fits
+    the budget (each at least at its smallest eligible variant), chosen without knowing which
+    model the request is for, so the request misses with probability ``1 - p(S)``, at least
+    ``1 - max p(S)`` over the sets that fit; ``N`` requests miss at least ``N (1 - max p(S))``
+    times on average, even for a policy that knows ``p`` and loads ahead of demand. The max is
+    the relaxed knapsack of :func:`_static_knapsack` (sizes rounded down, which can only raise
+    it and so lower the bound). The frequencies stand in for the popularity the trace was
+    drawn from; as the expected max over sets of frequencies is at least the max of their
+    expectations, that errs low on average. A bound for such traces only (where popularity
+    moves, an online policy can follow it and do better); None for a budget that changes or a
+    model without profiles."""
+    return _static_knapsack(trace, demands, budget, first_miss=False)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive.bounds import best_static_misses, miss_lower_bound
-from adaptive.policies import list_policies
+from adaptive.bounds import best_static_misses, irm_online_misses, miss_lower_bound
+from adaptive.policies import list_policies, policy_class
 from adaptive.select import Candidate, ModelDemand
 from adaptive.simulate import compare, simulate
 from adaptive.traces import BudgetTrace, RequestTrace
@@ -174,6 +174,44 @@ def test_best_static_misses_is_the_knapsack_of_request_counts():
     assert best_static_misses(tr, demands, budget) is None
 
 
+def test_irm_bound_is_the_knapsack_of_request_counts_without_first_misses():
+    # the trace above: {B, C} keeps 4 of 7 requests from missing, {A} only 3
+    mib = 1 << 20
+    tr = RequestTrace.from_names([0, 1, 2, 3, 4, 5, 6], list("AABBCCA"))
+    demands = [ModelDemand(x, [Candidate("base", s * mib, 0.9)]) for x, s in zip("ABC", (6, 4, 4))]
+    assert irm_online_misses(tr, demands, 8 * mib) == 3
+    assert irm_online_misses(tr, demands, 14 * mib) == 0
+    assert irm_online_misses(tr, demands, 5 * mib) == 2  # A rejected; one of B, C kept
+    budget = BudgetTrace(np.array([0.0]), np.array([8 * mib]))
+    assert irm_online_misses(tr, demands, budget) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ladders", [False, True])
+def test_no_online_policy_misses_less_than_the_irm_bound_on_independent_draws(seed, ladders):
+    from adaptive.traces import synth
+
+    names = [f"m{k}" for k in range(12)]
+    if ladders:  # variants of many sizes: whole-model policies miss almost everything here
+        rng = np.random.default_rng(seed)
+        demands = [ModelDemand(x, [Candidate("big", int(s), 0.95, load_s=0.5),
+                                   Candidate("small", int(s) // 3, 0.9, load_s=0.2)],
+                               floor=0.85) for x, s in zip(names, rng.integers(30, 120, 12))]
+        budget = int(sum(d.candidates[1].memory_bytes for d in demands) * 0.4)
+    else:  # equal sizes: LFU learns the top 4 and comes within about 10% of the bound
+        demands = [ModelDemand(x, [Candidate("base", 100, 0.9, load_s=0.05)]) for x in names]
+        budget = 400
+    tr = synth("zipf", names, 4000, seed=seed, duration_s=600)
+    irm = irm_online_misses(tr, demands, budget)
+    assert 0 < irm <= best_static_misses(tr, demands, budget)
+    online = [p for p in list_policies() if not policy_class(p).offline]
+    res = compare(tr, demands, online, budget, seed=seed)
+    for p, r in res.items():
+        assert r.misses >= irm, p
+    if not ladders:  # the bound is not vacuous
+        assert min(r.misses for r in res.values()) < 1.15 * irm
+
+
 def test_bound_names_trace_models_without_profiles():
     from adaptive.errors import AdaptiveError
 
@@ -182,3 +220,4 @@ def test_bound_names_trace_models_without_profiles():
     with pytest.raises(AdaptiveError, match=r"no profiles for trace models \['B'\]: give every"):
         miss_lower_bound(tr, demands, 20)
     assert best_static_misses(tr, demands, 20) is None
+    assert irm_online_misses(tr, demands, 20) is None
