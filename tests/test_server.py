@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -342,7 +343,9 @@ def test_budget_moves_during_traffic_downgrades_without_failures(server):
         t.join()
     assert statuses and set(statuses) <= {200, 503}, set(statuses)
     assert statuses.count(200) > 10
-    assert {"resnet10+int8", "bert-tiny+int8"} & set(variants_seen)  # downgraded under 200MB
+    # downgraded under 200MB (to fp16 or int8: which one depends on the request rates)
+    seen = (Counter(variants_seen), Counter(statuses))
+    assert set(variants_seen) - {"resnet10", "bert-tiny"}, seen
     after = _metrics(server)
     assert _total(after["memadapt_swaps"]) > _total(before["memadapt_swaps"])
     assert _total(after["memadapt_request_latency_seconds"], model="resnet10") > 0
