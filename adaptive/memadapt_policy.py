@@ -8,18 +8,20 @@ The rules, each there because a measured failure asked for it (``benchmarks/poli
   misses least, and a model whose SLO some variant meets only ever loads such a variant.
 * **Room** for a miss (or a budget drop) is taken in order of what it costs: first loads
   under way beside a serving variant are abandoned (free); then, step by step, whichever is
-  expected to cost less per byte freed: an upgraded resident steps down break-before-make
-  (its requests that arrive during the smaller variant's load stall, and until the next plan
-  can step it back up its requests lose the accuracy it gave up: ``rate x (load_s + tick_s x
-  accuracy lost)``), or a resident is evicted (it misses if it comes back within
-  ``window_s``: ``1 - exp(-long_run_rate x window_s)``), chosen in the order of
-  :class:`~adaptive.experts.EvictionExperts` (recency, decayed or long-run frequency per
-  byte, or a forecast of the next request, whichever has missed least lately on shadow
-  caches). With ``defer``, a miss may
-  instead wait for a hotter model's make-before-break downgrade (nobody stalls; within the
-  SLO when it has one) --
-  off by default: room is needed when memory is full, so that downgrade rarely fits, and on
-  the benchmark its knock-on effects cost more than it saved.
+  expected to cost less per byte of the room still wanted (bytes freed beyond it buy
+  nothing): an upgraded resident steps down break-before-make (its requests that arrive
+  during the smaller variant's load stall, and until the next plan can step it back up its
+  requests lose the accuracy it gave up: ``rate x (load_s + tick_s x accuracy lost)``), or a
+  resident is evicted (it misses if it comes back within ``window_s``, ``1 -
+  exp(-long_run_rate x window_s)``; when it does, the requests that arrive while its fastest
+  variant loads miss too and it serves that variant until the next plan, the cost of a step
+  down to it on top of the miss, so a hot model is stepped down rather than evicted to come
+  straight back), chosen in the order of :class:`~adaptive.experts.EvictionExperts`
+  (recency, decayed or long-run frequency per byte, or a forecast of the next request,
+  whichever has missed least lately on shadow caches). With ``defer``, a miss may instead
+  wait for a hotter model's make-before-break downgrade (nobody stalls; within the SLO when
+  it has one) -- off by default: room is needed when memory is full, so that downgrade
+  rarely fits, and on the benchmark its knock-on effects cost more than it saved.
 * **Upgrades** are make-before-break (the old variant serves while the new one loads, both
   charged), so they never make a request wait; they spend only memory the *working set* does
   not need: every ``tick_s`` the plan reserves the smallest variant of each model that is not
@@ -230,10 +232,12 @@ class MemAdaptPolicy(Policy):
             if a >= 0:
                 return a
         # 3. break-before-make downgrades or evictions, whichever is expected to cost less per
-        #    byte freed: a downgrade's requests that arrive during the smaller variant's load
-        #    stall (rate x load_s) and, until the next plan may step it back up, lose the
-        #    accuracy it gave up (rate x tick_s x accuracy lost); an evicted model misses if it
-        #    comes back within the window (evictions in the order that has missed least lately)
+        #    byte of the room still wanted (bytes freed beyond it buy nothing): a downgrade's
+        #    requests that arrive during the smaller variant's load stall (rate x load_s) and,
+        #    until the next plan may step it back up, lose the accuracy it gave up (rate x
+        #    tick_s x accuracy lost); an evicted model misses if it comes back within the
+        #    window, and then pays for a downgrade to its fastest variant as well (evictions
+        #    in the order that has missed least lately)
         experts, window, hold = self._experts, self.config.window_s, self.config.tick_s
         while c.free < need:
             best, best_cost, best_v = -1, math.inf, -1
@@ -253,14 +257,21 @@ class MemAdaptPolicy(Policy):
                         break
                 freed = c.mem[r][cur] - c.mem[r][v]
                 lost = c.acc[r][cur] - c.acc[r][v]
-                cost = rates.rate(r, t) * (c.load_s[r][v] + hold * lost) / max(freed, 1)
+                cost = rates.rate(r, t) * (c.load_s[r][v] + hold * lost) / max(min(freed, short), 1)
                 if cost < best_cost:
                     best, best_cost, best_v = r, cost, v
             victims = [r for r in c.resident if r != exclude and r not in queued]
             if victims:
                 e = experts.peek(victims)
                 back = 1.0 - math.exp(-self._long_rate(e, t) * window)
-                if back / max(c.charged(e), 1) < best_cost:
+                # if it comes back its first request misses, so does every one that arrives
+                # while its fastest variant loads, and until the next plan it serves that one
+                f = fastest_eligible(c, e, c.budget)
+                again = 1.0
+                if f >= 0 and c.res[e] >= 0:
+                    lost = max(c.acc[e][c.res[e]] - c.acc[e][f], 0.0)
+                    again += rates.rate(e, t) * (c.load_s[e][f] + hold * lost)
+                if back * again / max(min(c.charged(e), short), 1) < best_cost:
                     experts.victim(victims)  # counts the win
                     c.evict(e, t)
                     continue

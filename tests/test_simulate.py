@@ -251,6 +251,24 @@ def test_memadapt_loads_fast_upgrades_without_waits_and_downgrades_on_a_budget_d
     assert mem.peak_bytes == 240
 
 
+def test_memadapt_steps_a_hot_model_down_rather_than_evict_one_asked_for_at_once():
+    # two models asked for 10 times a second each; the budget drops 50 bytes below their
+    # bases. Evicting one frees 100 but buys nothing over the 50 wanted, and it is back
+    # within 0.1 s: a miss and a reload's worth of misses, against the same reload's stalls
+    # for stepping one down, so memadapt steps one down (the server test's 200MB drop)
+    demands = _two_variants("AB")
+    ts = np.arange(0.0, 60.0, 0.05)
+    names = ["AB"[k % 2] for k in range(len(ts))]
+    budget = BudgetTrace(np.array([0.0, 30.0]), np.array([300, 150]))
+    r = simulate(RequestTrace.from_names(list(ts), names), demands, "memadapt", budget)
+    assert (r.evictions, r.policy_stats["urgent_downgrades"]) == (0, 1)
+    early = int((ts < 30).sum())
+    before = simulate(RequestTrace.from_names(list(ts[:early]), names[:early]), demands,
+                      "memadapt", 300)
+    assert r.misses == before.misses  # nothing missed after the drop
+    assert r.stalls == 5  # A's requests during its 0.5 s step down
+
+
 def test_memadapt_takes_room_from_upgrades_before_it_evicts():
     demands = _two_variants("ABCDE", small=50, small_acc=0.85)
     tr = RequestTrace.from_names([0, 1, 15, 30, 40, 50], list("ABACDE"))
