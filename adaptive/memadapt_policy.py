@@ -148,6 +148,8 @@ class MemAdaptPolicy(Policy):
         self._slo = [d.slo_s for d in c.demands]
         self._count = [0] * c.n
         self._next_plan = self.config.tick_s
+        self._fastest: dict[int, int] = {}  # fastest_eligible per model, for _fastest_at bytes
+        self._fastest_at = -1
         self.replans = 0
         self.downgrades = 0
         self.upgrades = 0
@@ -187,7 +189,7 @@ class MemAdaptPolicy(Policy):
     def on_miss(self, i: int, t: float, m: int) -> int:
         self._seen(m, t)
         c = self.cache
-        v = fastest_eligible(c, m, c.budget)
+        v = self._fastest_of(m)
         after = self._make_room(c.mem[m][v], t, exclude=m, loading=v)
         c.load(m, v, t, after=after)
         if after < 0:
@@ -266,7 +268,7 @@ class MemAdaptPolicy(Policy):
                 back = 1.0 - math.exp(-self._long_rate(e, t) * window)
                 # if it comes back its first request misses, so does every one that arrives
                 # while its fastest variant loads, and until the next plan it serves that one
-                f = fastest_eligible(c, e, c.budget)
+                f = self._fastest_of(e)
                 again = 1.0
                 if f >= 0 and c.res[e] >= 0:
                     lost = max(c.acc[e][c.res[e]] - c.acc[e][f], 0.0)
@@ -280,6 +282,17 @@ class MemAdaptPolicy(Policy):
             c.swap(best, best_v, t, "bbm")
             self.urgent_downgrades += 1
         return -1
+
+    def _fastest_of(self, m: int) -> int:
+        """:func:`~adaptive.baselines.fastest_eligible` within the budget, kept until it moves."""
+        c = self.cache
+        if self._fastest_at != c.budget:
+            self._fastest.clear()
+            self._fastest_at = c.budget
+        f = self._fastest.get(m)
+        if f is None:
+            f = self._fastest[m] = fastest_eligible(c, m, c.budget)
+        return f
 
     def _long_rate(self, m: int, t: float) -> float:
         """Requests per second of ``m`` since it was first asked for (a periodic model's
