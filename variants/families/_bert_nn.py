@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,12 +39,22 @@ class BertClassifier(nn.Module):
 
 
 def bert_layer_mask(bert, attention_mask, h):
-    """The mask BERT's layers expect (transformers 5 builds it in ``_create_attention_masks``)."""
-    if hasattr(bert, "_create_attention_masks"):
-        return bert._create_attention_masks(attention_mask=attention_mask,
-                                            encoder_attention_mask=None, embedding_output=h,
-                                            encoder_hidden_states=None, cache=None)[0]
-    return bert.get_extended_attention_mask(attention_mask, attention_mask.shape)  # transformers 4
+    """The mask BERT's layers expect (transformers 5 builds it in ``_create_attention_masks``,
+    a private method whose arguments move between releases: 5.25 made ``position_ids`` one
+    more required argument, so each one it takes is passed, and only those)."""
+    make = getattr(bert, "_create_attention_masks", None)
+    if make is None:  # transformers 4
+        return bert.get_extended_attention_mask(attention_mask, attention_mask.shape)
+    offered = {"attention_mask": attention_mask, "encoder_attention_mask": None,
+               "embedding_output": h, "encoder_hidden_states": None, "cache": None,
+               "past_key_values": None, "cache_position": None, "position_ids": None}
+    return make(**{k: offered[k] for k in _parameters(type(bert)._create_attention_masks)
+                   if k in offered})[0]
+
+
+@functools.cache
+def _parameters(fn) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
 
 
 def _hidden(out):
