@@ -31,10 +31,7 @@ __all__ = [
 def fastest_eligible(c: CacheState, m: int, limit: float) -> int:
     """INFaaS's choice: the eligible candidate of ``m`` within ``limit`` bytes with the lowest
     ``load_s + latency_s`` (ties: more accurate, then smaller), or -1."""
-    fits = [k for k in c.eligible[m] if c.mem[m][k] <= limit]
-    if not fits:
-        return -1
-    return min(fits, key=lambda k: (c.load_s[m][k] + c.lat[m][k], -c.acc[m][k], c.mem[m][k]))
+    return next((k for k in c.by_speed[m] if c.mem[m][k] <= limit), -1)
 
 
 class WholeModelPolicy(Policy):

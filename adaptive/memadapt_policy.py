@@ -148,8 +148,6 @@ class MemAdaptPolicy(Policy):
         self._slo = [d.slo_s for d in c.demands]
         self._count = [0] * c.n
         self._next_plan = self.config.tick_s
-        self._fastest: dict[int, int] = {}  # fastest_eligible per model, for _fastest_at bytes
-        self._fastest_at = -1
         self.replans = 0
         self.downgrades = 0
         self.upgrades = 0
@@ -189,7 +187,7 @@ class MemAdaptPolicy(Policy):
     def on_miss(self, i: int, t: float, m: int) -> int:
         self._seen(m, t)
         c = self.cache
-        v = self._fastest_of(m)
+        v = fastest_eligible(c, m, c.budget)
         after = self._make_room(c.mem[m][v], t, exclude=m, loading=v)
         c.load(m, v, t, after=after)
         if after < 0:
@@ -238,8 +236,8 @@ class MemAdaptPolicy(Policy):
         #    requests that arrive during the smaller variant's load stall (rate x load_s) and,
         #    until the next plan may step it back up, lose the accuracy it gave up (rate x
         #    tick_s x accuracy lost); an evicted model misses if it comes back within the
-        #    window, and then pays for a downgrade to its fastest variant as well (evictions
-        #    in the order that has missed least lately)
+        #    window, and then also pays what a step down to its fastest variant costs
+        #    (evictions in the order that has missed least lately)
         experts, window, hold = self._experts, self.config.window_s, self.config.tick_s
         while c.free < need:
             best, best_cost, best_v = -1, math.inf, -1
@@ -268,7 +266,7 @@ class MemAdaptPolicy(Policy):
                 back = 1.0 - math.exp(-self._long_rate(e, t) * window)
                 # if it comes back its first request misses, so does every one that arrives
                 # while its fastest variant loads, and until the next plan it serves that one
-                f = self._fastest_of(e)
+                f = fastest_eligible(c, e, c.budget)
                 again = 1.0
                 if f >= 0 and c.res[e] >= 0:
                     lost = max(c.acc[e][c.res[e]] - c.acc[e][f], 0.0)
@@ -282,17 +280,6 @@ class MemAdaptPolicy(Policy):
             c.swap(best, best_v, t, "bbm")
             self.urgent_downgrades += 1
         return -1
-
-    def _fastest_of(self, m: int) -> int:
-        """:func:`~adaptive.baselines.fastest_eligible` within the budget, kept until it moves."""
-        c = self.cache
-        if self._fastest_at != c.budget:
-            self._fastest.clear()
-            self._fastest_at = c.budget
-        f = self._fastest.get(m)
-        if f is None:
-            f = self._fastest[m] = fastest_eligible(c, m, c.budget)
-        return f
 
     def _long_rate(self, m: int, t: float) -> float:
         """Requests per second of ``m`` since it was first asked for (a periodic model's
